@@ -1,0 +1,3 @@
+from deepzoo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The machinery every family shares: device choice, the trainer, experiment tracking, stages."""

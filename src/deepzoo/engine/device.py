@@ -1,0 +1,40 @@
+"""Device choice from the environment, never from params: switching CPU/GPU must not rerun a DVC stage."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV = "DEEPZOO_DEVICE"
+
+
+def resolve(name: str | None = None) -> torch.device:
+    """`DEEPZOO_DEVICE` = auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps."""
+    name = (name or os.environ.get(ENV) or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{ENV}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{ENV}={name} but this PyTorch build sees no CUDA GPU; use {ENV}=cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{ENV}={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def configure_threads() -> None:
+    """Use the physical cores once: intra-op threads = cores, and no oversubscription from inter-op pools."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", cores)))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,240 @@
+"""The one trainer: mini-batches sliced from in-memory tensors, any optimizer by name, early stopping.
+
+It knows nothing about families. A model it trains is a `Trainable`: `loss(batch)` returns the loss of
+a batch and named metrics, and `training_losses(batch)` yields one loss per optimizer group, so a GAN's
+discriminator-then-generator step runs through the same loop as a classifier's single step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from deepzoo.config import TrainConfig
+
+Batch = tuple[Tensor, ...]
+Metrics = dict[str, Tensor]
+NAN_CHECK_EVERY = 50  # batches; checking every batch would force a GPU sync per step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Trainable(nn.Module):
+    """The contract between a model and the trainer."""
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Turn stored tensors (e.g. uint8 images) into model inputs, on the model's device."""
+        return batch
+
+    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+        raise NotImplementedError
+
+    def example_input(self, data: Batch) -> Tensor:
+        """One input for `forward`, from stored data: the logged model's signature and example."""
+        return self.prepare(tuple(t[:1] for t in data))[0]
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per optimizer; models with several optimizers (GAN) override this."""
+        return {"model": list(self.parameters())}
+
+    def training_losses(self, batch: Batch) -> Iterator[tuple[str, Tensor, Metrics]]:
+        """Yield (group, loss, metrics); the trainer steps that group's optimizer before resuming."""
+        loss, metrics = self.loss(batch)
+        yield "model", loss, metrics
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    match cfg.optimizer:
+        case "sgd":
+            return torch.optim.SGD(params, momentum=cfg.momentum, **common)
+        case "adam":
+            return torch.optim.Adam(params, betas=cfg.betas, **common)
+        case "adamw":
+            return torch.optim.AdamW(params, betas=cfg.betas, **common)
+        case "adadelta":
+            return torch.optim.Adadelta(params, **common)
+        case "adagrad":
+            return torch.optim.Adagrad(params, **common)
+        case "rmsprop":
+            return torch.optim.RMSprop(params, momentum=cfg.momentum, **common)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    match cfg.schedule:
+        case "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
+        case "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return None
+
+
+def batches(tensors: Batch, batch_size: int, generator: torch.Generator | None = None,
+            max_batches: int | None = None) -> Iterator[Batch]:
+    """Slices of in-memory tensors, in a fresh random order per call when a generator is given."""
+    n = len(tensors[0])
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    starts = range(0, n, batch_size)[:max_batches]
+    for start in starts:
+        if order is None:
+            yield tuple(t[start : start + batch_size] for t in tensors)
+        else:
+            index = order[start : start + batch_size]
+            yield tuple(t[index] for t in tensors)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU autocast is slower here)."""
+    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+class Averager:
+    """Sample-weighted means of per-batch tensors, kept on the device until read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
+        self.count = 0
+
+    def add(self, metrics: Metrics, n: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums[key].to(value.device) + value.detach().float() * n
+        self.count += n
+
+    def means(self) -> dict[str, float]:
+        return {key: total.item() / max(self.count, 1) for key, total in self.sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model: Trainable, data: Batch, batch_size: int, device: torch.device,
+             mixed_precision: bool = True) -> dict[str, float]:
+    """Mean loss and metrics of `model` over `data`, in eval mode."""
+    model.eval()
+    averager = Averager()
+    for batch in batches(data, batch_size):
+        with autocast(device, mixed_precision):
+            loss, metrics = model.loss(model.prepare(to_device(batch, device)))
+        averager.add({"loss": loss, **metrics}, len(batch[0]))
+    return averager.means()
+
+
+def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, device: torch.device,
+        generator: torch.Generator, on_epoch: Callable[[int, dict[str, float]], None] = lambda *_: None,
+        mixed_precision: bool = True) -> FitResult:
+    """Train `model` in place; on return it holds the weights of the best validation epoch."""
+    model.to(device)
+    groups = model.optimizer_groups()
+    optimizers = {name: make_optimizer(params, cfg) for name, params in groups.items()}
+    schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
+    single = len(groups) == 1
+    result, best_loss, best_state = FitResult(), math.inf, None
+    stalled, progress = 0, sys.stderr.isatty()
+    start = time.perf_counter()
+    samples = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        averager, norms = Averager(), []
+        steps = batches(train, cfg.batch_size, generator, cfg.max_batches)
+        if progress:
+            from tqdm import tqdm
+
+            total = min(math.ceil(len(train[0]) / cfg.batch_size), cfg.max_batches or math.inf)
+            steps = tqdm(steps, total=total, desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
+        for step, batch in enumerate(steps, 1):
+            batch = model.prepare(to_device(batch, device))
+            metrics: Metrics = {}
+            for group, loss, group_metrics in _losses(model, batch, device, mixed_precision):
+                optimizer = optimizers[group]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad_norm is not None:
+                    norms.append(nn.utils.clip_grad_norm_(groups[group], cfg.clip_grad_norm))
+                optimizer.step()
+                metrics.update({"loss" if single else f"{group}_loss": loss, **group_metrics})
+            averager.add(metrics, len(batch[0]))
+            samples += len(batch[0])
+            if step % NAN_CHECK_EVERY == 0:
+                _check_finite(averager, epoch, step, cfg)
+        _check_finite(averager, epoch, step, cfg)
+        row = {f"train/{k}": v for k, v in averager.means().items()}
+        if norms:
+            stacked = torch.stack(norms)
+            row |= {"train/grad_norm_max": stacked.max().item(), "train/grad_norm_mean": stacked.mean().item()}
+        if val is not None:
+            row |= {f"val/{k}": v for k, v in evaluate(model, val, cfg.batch_size, device, mixed_precision).items()}
+        row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
+        row["epoch_seconds"] = time.perf_counter() - epoch_start
+        result.history.append(row)
+        on_epoch(epoch, row)
+        if not progress:
+            print(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+        monitored = row.get("val/loss")
+        for schedule in schedules.values():
+            if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                schedule.step(monitored if monitored is not None else row.get("train/loss", 0.0))
+            elif schedule is not None:
+                schedule.step()
+        result.epochs_run = epoch
+        if monitored is None or cfg.patience is None:
+            continue
+        if monitored < best_loss - cfg.min_delta:
+            best_loss, result.best_epoch, stalled = monitored, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            stalled += 1
+            if stalled >= cfg.patience:
+                print(f"early stopping: val/loss has not improved for {stalled} epochs "
+                      f"(best {best_loss:.4g} at epoch {result.best_epoch})", flush=True)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = result.epochs_run
+    result.train_seconds = time.perf_counter() - start
+    result.samples_per_second = samples / max(result.train_seconds, 1e-9)
+    return result
+
+
+def _losses(model: Trainable, batch: Batch, device: torch.device, mixed_precision: bool):
+    steps = model.training_losses(batch)
+    while True:
+        with autocast(device, mixed_precision):
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item
+
+
+def _check_finite(averager: Averager, epoch: int, step: int, cfg: TrainConfig) -> None:
+    bad = [key for key, total in averager.sums.items() if key.endswith("loss") and not torch.isfinite(total)]
+    if bad:
+        raise TrainingDiverged(
+            f"{bad[0]} became {averager.sums[bad[0]].item()} by epoch {epoch}, batch {step}: training diverged. "
+            f"Lower the learning rate (train.lr = {cfg.lr:g}, try {cfg.lr / 10:g})"
+            + ("" if cfg.clip_grad_norm else " or set train.clip_grad_norm (e.g. 1.0)") + "."
+        )

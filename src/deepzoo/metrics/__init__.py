@@ -1,0 +1,1 @@
+"""Measures shared by families: classification reports, FID, tune validity."""
