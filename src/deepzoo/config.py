@@ -43,6 +43,7 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(None, gt=0)
     max_batches: int | None = Field(None, ge=1)  # per epoch; caps smoke and benchmark runs
     mixed_precision: bool = True  # bf16 autocast on CUDA GPUs that support it; no effect on CPU
+    processes: int = Field(1, ge=1)  # data-parallel ranks launched with torchrun (gloo on CPU, NCCL on GPUs)
 
 
 class Common(Section):
@@ -92,11 +93,12 @@ def _describe(section: str, error: dict[str, Any], schema: type[BaseModel]) -> s
         close = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"{path} is not a known key; {hint}"
+    bound = {key: f"{v:g}" if isinstance(v, float) else v for key, v in ctx.items()}
     rules = {
-        "greater_than": f"must be > {ctx.get('gt')}",
-        "greater_than_equal": f"must be >= {ctx.get('ge')}",
-        "less_than": f"must be < {ctx.get('lt')}",
-        "less_than_equal": f"must be <= {ctx.get('le')}",
+        "greater_than": f"must be > {bound.get('gt')}",
+        "greater_than_equal": f"must be >= {bound.get('ge')}",
+        "less_than": f"must be < {bound.get('lt')}",
+        "less_than_equal": f"must be <= {bound.get('le')}",
         "literal_error": f"must be one of {ctx.get('expected')}",
         "missing": "is required",
     }

@@ -114,8 +114,9 @@ def split(arrays: dict[str, np.ndarray], params: Params, seed: int) -> dict[str,
     return {"train": tensors(train_x, train_y), "val": tensors(val_x, val_y), "test": tensors(test_x, test_y)}
 
 
-def prepare(params: Params, seed: int, output: Path = OUTPUT) -> dict[str, int]:
-    splits = split(load_raw(), params, seed)
+def prepare(params: Params, seed: int, output: Path = OUTPUT, search: tuple[Path, ...] = SEARCH_PATHS,
+            download: bool = True) -> dict[str, int]:
+    splits = split(load_raw(search, download), params, seed)
     with atomic_path(output) as tmp:
         tmp.mkdir()
         for name, tensors in splits.items():

@@ -30,9 +30,10 @@ def resolve(name: str | None = None) -> torch.device:
 
 
 def configure_threads() -> None:
-    """Use the physical cores once: intra-op threads = cores, and no oversubscription from inter-op pools."""
+    """One intra-op thread per core, shared among the ranks torchrun started on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", cores)))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(cores // ranks_here, 1))))
 
 
 def seed_everything(seed: int) -> torch.Generator:

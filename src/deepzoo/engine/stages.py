@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -17,9 +19,9 @@ from typing import Any
 import torch
 
 from deepzoo import config
-from deepzoo.engine import tracking
+from deepzoo.engine import distributed, tracking
 from deepzoo.engine.device import configure_threads, resolve, seed_everything
-from deepzoo.engine.trainer import Batch, Trainable, fit
+from deepzoo.engine.trainer import Batch, FitResult, Trainable, fit
 from deepzoo.storage import atomic_path, save_torch, write_json
 
 FAMILIES = ("perceptron", "mlp", "cnn", "rnn", "lstm", "autoencoder", "vae", "betavae", "gan")
@@ -62,32 +64,54 @@ def _setup(name: str) -> tuple[ModuleType, Any, int, torch.device]:
 
 def train(name: str) -> None:
     family, cfg, seed, device = _setup(name)
-    with tracking.run(family.EXPERIMENT, name, "train", str(device)) as tracker:
-        tracker.log_params(cfg.model_dump())
-        generator = seed_everything(seed)
-        variants = family.variants(cfg)
-        prefix = (lambda v: f"{v}/") if len(variants) > 1 else (lambda v: "")
-        summary: dict[str, Any] = {"run_id": tracker.run_id, "experiment": family.EXPERIMENT, "variants": {}}
-        with atomic_path(MODELS / name) as models_dir, atomic_path(PLOTS / name / "history") as history_dir:
-            models_dir.mkdir()
-            history_dir.mkdir()
+    if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+        if distributed.relaunch(cfg.train.processes, ["train", name]) != 0:
+            raise RuntimeError(f"torchrun with {cfg.train.processes} processes failed (see the ranks' errors above)")
+        return
+    distributed.init(device)
+    device = distributed.local_device(device)
+    try:
+        # Only rank 0 tracks and writes; the other ranks just train their shards.
+        with tracking.run(family.EXPERIMENT, name, "train", str(device)) if distributed.is_main() \
+                else nullcontext() as tracker:
+            if tracker is not None:
+                tracker.log_params(cfg.model_dump())
+            generator = seed_everything(seed)
+            variants = family.variants(cfg)
+            results = {}
             for variant_name, variant in variants.items():
-                print(f"training {name}/{variant_name} on {device}", flush=True)
-                log = lambda epoch, row, p=prefix(variant_name): tracker.log_metrics(  # noqa: E731
-                    {p + k: v for k, v in row.items()}, step=epoch)
-                result = fit(variant.model, variant.data["train"], variant.data.get("val"), cfg.train, device,
-                             generator, on_epoch=log, mixed_precision=cfg.train.mixed_precision)
-                save_torch(models_dir / f"{variant_name}.pt",
-                           {"state_dict": variant.model.state_dict(), "config": cfg.model_dump(mode="json"),
-                            "variant": variant_name, "best_epoch": result.best_epoch})
-                _write_history(history_dir / f"{variant_name}.csv", result.history)
-                summary["variants"][variant_name] = {
-                    "train_seconds": round(result.train_seconds, 2), "epochs_run": result.epochs_run,
-                    "best_epoch": result.best_epoch, "samples_per_second": round(result.samples_per_second, 1)}
-                example = variant.model.example_input(variant.data["train"])
-                tracker.log_model(variant.model, variant_name, example)
-            write_json(models_dir / RUN_FILE, summary)
-        tracker.log_artifact(PLOTS / name / "history", "plots/history")
+                distributed.print_once(f"training {name}/{variant_name} on {device} x {distributed.world_size()}")
+                prefix = f"{variant_name}/" if len(variants) > 1 else ""
+                log = (lambda epoch, row, p=prefix: tracker.log_metrics({p + k: v for k, v in row.items()}, epoch)
+                       ) if tracker is not None else (lambda *_: None)
+                results[variant_name] = fit(variant.model, variant.data["train"], variant.data.get("val"),
+                                            cfg.train, device, generator, log, cfg.train.mixed_precision)
+            if tracker is not None:
+                _save_training(name, family, cfg, variants, results, tracker)
+    finally:
+        distributed.shutdown()
+
+
+def _save_training(name: str, family: ModuleType, cfg: Any, variants: dict[str, Variant],
+                   results: dict[str, FitResult], tracker: tracking.Tracker) -> None:
+    """Checkpoints, histories and the run summary, each folder replaced whole; the models to MLflow."""
+    summary: dict[str, Any] = {"run_id": tracker.run_id, "experiment": family.EXPERIMENT, "variants": {}}
+    with atomic_path(MODELS / name) as models_dir, atomic_path(PLOTS / name / "history") as history_dir:
+        models_dir.mkdir()
+        history_dir.mkdir()
+        for variant_name, variant in variants.items():
+            result = results[variant_name]
+            save_torch(models_dir / f"{variant_name}.pt",
+                       {"state_dict": variant.model.state_dict(), "config": cfg.model_dump(mode="json"),
+                        "variant": variant_name, "best_epoch": result.best_epoch})
+            _write_history(history_dir / f"{variant_name}.csv", result.history)
+            summary["variants"][variant_name] = {
+                "train_seconds": round(result.train_seconds, 2), "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch, "samples_per_second": round(result.samples_per_second, 1)}
+            tracker.log_model(variant.model, variant_name, variant.model.example_input(variant.data["train"]))
+        summary["metric_logging_seconds"] = round(tracker.metric_seconds, 3)
+        write_json(models_dir / RUN_FILE, summary)
+    tracker.log_artifact(PLOTS / name / "history", "plots/history")
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:

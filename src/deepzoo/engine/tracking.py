@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import deepzoo
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 REACH_TIMEOUT_S = 5
 
@@ -69,6 +71,7 @@ class Tracker:
 
     def __init__(self, mlflow: Any, run_id: str) -> None:
         self._mlflow, self.run_id = mlflow, run_id
+        self.metric_seconds = 0.0  # time spent logging metrics: the overhead tracking adds to training
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flatten(params).items()}
@@ -78,9 +81,11 @@ class Tracker:
         """One batched request per call: per-epoch logging stays far below 1 % of training time."""
         from mlflow.entities import Metric
 
+        start = time.perf_counter()
         now = int(time.time() * 1000)
         rows = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
         self._mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=rows, synchronous=False)
+        self.metric_seconds += time.perf_counter() - start
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
@@ -89,7 +94,11 @@ class Tracker:
             self._mlflow.log_artifact(str(path), folder)
 
     def log_model(self, model: nn.Module, name: str, example: torch.Tensor) -> None:
-        """Log a CPU copy of `model` with its signature, so it loads on machines without a GPU."""
+        """Log a CPU copy of `model` with its signature, so it loads on machines without a GPU.
+
+        Pickled with deepzoo's own code beside it (`code_paths`): torch.export ("pt2") would fix the
+        batch size to the example's, and loading needs no deepzoo install either way.
+        """
         from mlflow.models import infer_signature
 
         cpu_model = copy.deepcopy(model).cpu().eval()
@@ -100,6 +109,7 @@ class Tracker:
         self._mlflow.pytorch.log_model(
             cpu_model, name=name, signature=signature, input_example=example.numpy(),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pickle", code_paths=[str(Path(deepzoo.__file__).parent)],
         )
 
 

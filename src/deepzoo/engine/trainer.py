@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from deepzoo.config import TrainConfig
+from deepzoo.engine import distributed
 
 Batch = tuple[Tensor, ...]
 Metrics = dict[str, Tensor]
@@ -83,24 +85,30 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.op
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     match cfg.schedule:
         case "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
+            return ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
         case "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     return None
 
 
 def batches(tensors: Batch, batch_size: int, generator: torch.Generator | None = None,
-            max_batches: int | None = None) -> Iterator[Batch]:
-    """Slices of in-memory tensors, in a fresh random order per call when a generator is given."""
+            max_batches: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    """Slices of in-memory tensors, in a fresh random order per call when a generator is given.
+
+    With `shard=(rank, world)`, rank r takes every world-th item of the (shared) order, so the
+    ranks' batches k together form batch k of a single process with `world` times the batch size.
+    """
     n = len(tensors[0])
-    order = torch.randperm(n, generator=generator) if generator is not None else None
-    starts = range(0, n, batch_size)[:max_batches]
-    for start in starts:
-        if order is None:
+    rank, world = shard
+    if generator is None and world == 1:  # plain slices: views, no copy
+        for start in range(0, n, batch_size)[:max_batches]:
             yield tuple(t[start : start + batch_size] for t in tensors)
-        else:
-            index = order[start : start + batch_size]
-            yield tuple(t[index] for t in tensors)
+        return
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order[rank::world]
+    for start in range(0, len(order), batch_size)[:max_batches]:
+        index = order[start : start + batch_size]
+        yield tuple(t[index] for t in tensors)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -126,7 +134,12 @@ class Averager:
         self.count += n
 
     def means(self) -> dict[str, float]:
-        return {key: total.item() / max(self.count, 1) for key, total in self.sums.items()}
+        """Means over all ranks: every rank sees the same numbers, so takes the same decisions."""
+        if not self.sums:
+            return {}
+        totals = distributed.all_sum(torch.stack([*self.sums.values(), torch.tensor(float(self.count)).to(
+            next(iter(self.sums.values())).device)]))
+        return {key: total.item() / max(totals[-1].item(), 1) for key, total in zip(self.sums, totals, strict=False)}
 
 
 @torch.no_grad()
@@ -135,11 +148,30 @@ def evaluate(model: Trainable, data: Batch, batch_size: int, device: torch.devic
     """Mean loss and metrics of `model` over `data`, in eval mode."""
     model.eval()
     averager = Averager()
-    for batch in batches(data, batch_size):
+    for batch in batches(data, batch_size, shard=(distributed.rank(), distributed.world_size())):
         with autocast(device, mixed_precision):
             loss, metrics = model.loss(model.prepare(to_device(batch, device)))
         averager.add({"loss": loss, **metrics}, len(batch[0]))
     return averager.means()
+
+
+class EarlyStopping:
+    """Stop when validation loss has not improved by `min_delta` for `patience` epochs; keep the best weights."""
+
+    def __init__(self, patience: int | None, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.stalled = math.inf, 0, 0
+        self.best_state: dict[str, Tensor] | None = None
+
+    def should_stop(self, epoch: int, loss: float | None, model: nn.Module) -> bool:
+        if loss is None or self.patience is None:
+            return False
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.stalled = loss, epoch, 0
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            return False
+        self.stalled += 1
+        return self.stalled >= self.patience
 
 
 def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, device: torch.device,
@@ -149,75 +181,72 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
     model.to(device)
     groups = model.optimizer_groups()
     optimizers = {name: make_optimizer(params, cfg) for name, params in groups.items()}
-    schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
-    single = len(groups) == 1
-    result, best_loss, best_state = FitResult(), math.inf, None
-    stalled, progress = 0, sys.stderr.isatty()
+    schedules = [s for s in (make_schedule(opt, cfg) for opt in optimizers.values()) if s is not None]
+    stopper, result = EarlyStopping(cfg.patience, cfg.min_delta), FitResult()
     start = time.perf_counter()
-    samples = 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
         epoch_start = time.perf_counter()
-        averager, norms = Averager(), []
-        steps = batches(train, cfg.batch_size, generator, cfg.max_batches)
-        if progress:
-            from tqdm import tqdm
-
-            total = min(math.ceil(len(train[0]) / cfg.batch_size), cfg.max_batches or math.inf)
-            steps = tqdm(steps, total=total, desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
-        for step, batch in enumerate(steps, 1):
-            batch = model.prepare(to_device(batch, device))
-            metrics: Metrics = {}
-            for group, loss, group_metrics in _losses(model, batch, device, mixed_precision):
-                optimizer = optimizers[group]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad_norm is not None:
-                    norms.append(nn.utils.clip_grad_norm_(groups[group], cfg.clip_grad_norm))
-                optimizer.step()
-                metrics.update({"loss" if single else f"{group}_loss": loss, **group_metrics})
-            averager.add(metrics, len(batch[0]))
-            samples += len(batch[0])
-            if step % NAN_CHECK_EVERY == 0:
-                _check_finite(averager, epoch, step, cfg)
-        _check_finite(averager, epoch, step, cfg)
-        row = {f"train/{k}": v for k, v in averager.means().items()}
-        if norms:
-            stacked = torch.stack(norms)
-            row |= {"train/grad_norm_max": stacked.max().item(), "train/grad_norm_mean": stacked.mean().item()}
+        row = _train_epoch(model, groups, optimizers, train, cfg, device, generator, epoch, mixed_precision)
         if val is not None:
             row |= {f"val/{k}": v for k, v in evaluate(model, val, cfg.batch_size, device, mixed_precision).items()}
         row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         row["epoch_seconds"] = time.perf_counter() - epoch_start
         result.history.append(row)
-        on_epoch(epoch, row)
-        if not progress:
-            print(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
-        monitored = row.get("val/loss")
-        for schedule in schedules.values():
-            if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                schedule.step(monitored if monitored is not None else row.get("train/loss", 0.0))
-            elif schedule is not None:
-                schedule.step()
         result.epochs_run = epoch
-        if monitored is None or cfg.patience is None:
-            continue
-        if monitored < best_loss - cfg.min_delta:
-            best_loss, result.best_epoch, stalled = monitored, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            stalled += 1
-            if stalled >= cfg.patience:
-                print(f"early stopping: val/loss has not improved for {stalled} epochs "
-                      f"(best {best_loss:.4g} at epoch {result.best_epoch})", flush=True)
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        result.best_epoch = result.epochs_run
+        on_epoch(epoch, row)
+        distributed.print_once(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        monitored = row.get("val/loss", row.get("train/loss"))
+        for schedule in schedules:
+            if isinstance(schedule, ReduceLROnPlateau):
+                schedule.step(monitored)
+            else:
+                schedule.step()
+        if stopper.should_stop(epoch, row.get("val/loss"), model):
+            distributed.print_once(f"early stopping: val/loss has not improved for {stopper.stalled} epochs "
+                 f"(best {stopper.best_loss:.4g} at epoch {stopper.best_epoch})")
+            break
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+    result.best_epoch = stopper.best_epoch or result.epochs_run
     result.train_seconds = time.perf_counter() - start
+    samples = min(len(train[0]), cfg.batch_size * (cfg.max_batches or len(train[0]))) * result.epochs_run
     result.samples_per_second = samples / max(result.train_seconds, 1e-9)
     return result
+
+
+def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimizers: dict[str, torch.optim.Optimizer],
+                 train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator, epoch: int,
+                 mixed_precision: bool) -> dict[str, float]:
+    model.train()
+    world = distributed.world_size()
+    batch_size = max(cfg.batch_size // world, 1)  # per rank: the effective batch size stays cfg.batch_size
+    steps = batches(train, batch_size, generator, cfg.max_batches, (distributed.rank(), world))
+    if sys.stderr.isatty() and distributed.is_main():
+        from tqdm import tqdm
+
+        total = min(math.ceil(len(train[0]) / world / batch_size), cfg.max_batches or math.inf)
+        steps = tqdm(steps, total=total, desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
+    averager, norms, single = Averager(), [], len(groups) == 1
+    for step, batch in enumerate(steps, 1):
+        batch = model.prepare(to_device(batch, device))
+        metrics: Metrics = {}
+        for group, loss, group_metrics in _losses(model, batch, device, mixed_precision):
+            optimizers[group].zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.average_gradients(groups[group])
+            if cfg.clip_grad_norm is not None:
+                norms.append(nn.utils.clip_grad_norm_(groups[group], cfg.clip_grad_norm))
+            optimizers[group].step()
+            metrics.update({"loss" if single else f"{group}_loss": loss, **group_metrics})
+        averager.add(metrics, len(batch[0]))
+        if step % NAN_CHECK_EVERY == 0:
+            _check_finite(averager, epoch, step, cfg)
+    _check_finite(averager, epoch, step, cfg)
+    row = {f"train/{k}": v for k, v in averager.means().items()}
+    if norms:  # norms before clipping: what shows exploding gradients
+        stacked = torch.stack(norms)
+        row |= {"train/grad_norm_max": stacked.max().item(), "train/grad_norm_mean": stacked.mean().item()}
+    return row
 
 
 def _losses(model: Trainable, batch: Batch, device: torch.device, mixed_precision: bool):

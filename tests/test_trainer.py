@@ -1,0 +1,163 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepzoo.config import TrainConfig
+from deepzoo.engine.trainer import Trainable, TrainingDiverged, fit
+from deepzoo.storage import atomic_path, save_torch
+
+CPU = torch.device("cpu")
+
+
+class Regression(Trainable):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.linear(x).squeeze(-1)
+
+    def loss(self, batch):
+        x, y = batch
+        return F.mse_loss(self(x), y), {}
+
+
+def regression_data(n=256, seed=0, noise=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    return x, x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + noise * torch.randn(n, generator=g)
+
+
+def train(cfg, train_data=None, val_data=None, seed=0, model=None):
+    torch.manual_seed(seed)
+    model = model or Regression()
+    result = fit(model, train_data or regression_data(), val_data, cfg, CPU, torch.Generator().manual_seed(seed))
+    return model, result
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adam", 0.05), ("adamw", 0.05), ("adadelta", 20.0),
+                                           ("adagrad", 0.3), ("rmsprop", 0.01)])
+def test_every_optimizer_by_name_learns(optimizer, lr):
+    cfg = TrainConfig(epochs=15, batch_size=32, optimizer=optimizer, lr=lr, patience=None)
+    _, result = train(cfg, val_data=regression_data(64, seed=1))
+    first, last = result.history[0]["val/loss"], result.history[-1]["val/loss"]
+    assert last < 0.2 * first, (optimizer, first, last)
+
+
+def test_same_seed_gives_identical_weights_and_different_seed_does_not():
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, patience=None)
+    a, _ = train(cfg, seed=0)
+    b, _ = train(cfg, seed=0)
+    c, _ = train(cfg, seed=1)
+    assert torch.equal(a.linear.weight, b.linear.weight)
+    assert not torch.equal(a.linear.weight, c.linear.weight)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch():
+    # Validation targets from a different function: after the first epochs, fitting the training data
+    # makes validation loss worse, so training must stop `patience` epochs after the best epoch.
+    x_val, _ = regression_data(64, seed=1)
+    val = (x_val, -(x_val @ torch.tensor([1.0, -2.0, 0.5])))
+    cfg = TrainConfig(epochs=50, batch_size=32, optimizer="sgd", lr=0.01, patience=2)
+    model, result = train(cfg, val_data=val)
+    assert result.epochs_run == result.best_epoch + 2 < 50
+    best = min(row["val/loss"] for row in result.history)
+    assert result.history[result.best_epoch - 1]["val/loss"] == best
+    restored = F.mse_loss(model(val[0]), val[1]).item()
+    assert restored == pytest.approx(best, rel=1e-5)
+
+
+def test_plateau_schedule_lowers_the_learning_rate():
+    x_val, _ = regression_data(64, seed=1)
+    val = (x_val, -(x_val @ torch.tensor([1.0, -2.0, 0.5])))
+    cfg = TrainConfig(epochs=6, batch_size=32, optimizer="sgd", lr=0.01, schedule="plateau", patience=None)
+    _, result = train(cfg, val_data=val)
+    assert result.history[0]["lr"] == 0.01 and result.history[-1]["lr"] < 0.01
+
+
+def test_diverging_loss_raises_a_clear_error():
+    cfg = TrainConfig(epochs=5, batch_size=32, optimizer="sgd", lr=10.0, momentum=0.0, patience=None)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*Lower the learning rate \(train.lr = 10, try 1\)"):
+        train(cfg, regression_data(noise=1.0))
+
+
+def test_gradient_clipping_bounds_the_norm_and_is_recorded(monkeypatch):
+    cfg = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=1e-3, clip_grad_norm=0.5, patience=None)
+    model = Regression()
+    with torch.no_grad():
+        model.linear.weight.fill_(50.0)  # huge gradients
+    norms = []
+    original = nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        total = original(params, max_norm)
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+        return total
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", spy)
+    _, result = train(cfg, model=model)
+    assert norms and max(norms) <= 0.5 + 1e-5
+    assert result.history[0]["train/grad_norm_max"] > 0.5  # the norm before clipping is what gets logged
+
+
+class TwoPlayers(Trainable):
+    """Two optimizer groups stepped in order: the second loss sees the first group's update."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(1, 1), nn.Linear(1, 1)
+        self.seen = []
+
+    def optimizer_groups(self):
+        return {"a": list(self.a.parameters()), "b": list(self.b.parameters())}
+
+    def training_losses(self, batch):
+        (x,) = batch
+        yield "a", self.a(x).pow(2).mean(), {}
+        self.seen.append(self.a.weight.item())
+        yield "b", (self.b(x) - self.a(x).detach()).pow(2).mean(), {}
+
+    def loss(self, batch):
+        (x,) = batch
+        return self.a(x).pow(2).mean(), {}
+
+
+def test_multi_optimizer_steps_run_in_order_through_the_one_loop():
+    model = TwoPlayers()
+    before_a, before_b = model.a.weight.item(), model.b.weight.item()
+    cfg = TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.1, patience=None)
+    _, result = train(cfg, train_data=(torch.randn(8, 1),), model=model)
+    assert model.seen[0] != before_a  # "b" was computed after "a" stepped
+    assert model.b.weight.item() != before_b
+    assert {"train/a_loss", "train/b_loss"} <= set(result.history[0])
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path: Path):
+    path = tmp_path / "model.pt"
+    save_torch(path, {"version": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_torch(path, {"version": 2, "bad": Unpicklable()})
+    assert torch.load(path) == {"version": 1}
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # no temporary left behind
+
+
+def test_atomic_folder_is_replaced_whole_or_not_at_all(tmp_path: Path):
+    folder = tmp_path / "out"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(ValueError), atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("half")
+        raise ValueError("stage failed")
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
