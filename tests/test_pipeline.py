@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from deepzoo.engine.stages import FAMILIES
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = Path(__file__).with_name("smoke_params.yaml")
 # The families whose evaluation reads the trained cnn's features (FID), per dvc.yaml.
-FID_FAMILIES = {name for name, item in yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["families"].items()
+FID_FAMILIES = {name for name, item in yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][1]["families"].items()
                 if item["evaluates_with"] == "models/cnn"}
 
 pytestmark = pytest.mark.pipeline
@@ -64,7 +65,7 @@ def repo(tmp_path_factory) -> Path:
 def test_first_repro_runs_every_stage(repo):
     ran = stages_run(repo.joinpath("first_repro.log").read_text())
     expected = {f"{stage}@{family}" for family in FAMILIES for stage in ("train", "evaluate")}
-    generators = yaml.safe_load((repo / "dvc.yaml").read_text())["vars"][1]["generators"]
+    generators = yaml.safe_load((repo / "dvc.yaml").read_text())["vars"][2]["generators"]
     expected |= {f"generate@{family}" for family in generators}
     assert expected | {"prepare_images", "prepare_toy2d"} <= ran
 
@@ -120,3 +121,45 @@ def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_mode
     done = subprocess.run([sys.executable, "-c", loader, cnn_run], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.stdout.strip().endswith("(3, 10)"), done.stderr[-2000:]
+
+
+def git_commit_all(repo: Path, message: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True, env=env)
+
+
+def test_dvc_remote_restores_models_and_data_on_a_fresh_clone(repo, tmp_path):
+    dvc(repo, "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    git_commit_all(repo, "pipeline at smoke scale, with a remote")
+    dvc(repo, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    assert not (clone / "models").exists()
+    dvc(clone, "pull")
+    assert (clone / "models/cnn/cnn.pt").is_file() and (clone / "data/processed/fashion_mnist/train.pt").is_file()
+    assert stages_run(dvc(clone, "repro")) == set()  # everything restored: nothing to rerun
+
+
+def test_queued_experiments_run_in_parallel_each_with_its_own_mlflow_run(repo):
+    git_commit_all(repo, "baseline for experiments")
+    for lr in ("0.003", "0.004"):
+        dvc(repo, "exp", "run", "--queue", "-S", f"cnn.train.lr={lr}")
+    dvc(repo, "queue", "start", "-j", "2")
+    try:
+        for _ in range(240):  # bounded wait: at most 20 minutes
+            status = dvc(repo, "queue", "status")
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(5)
+        assert "Failed" not in status, status
+    finally:
+        dvc(repo, "queue", "stop")
+    table = dvc(repo, "exp", "show", "--csv")
+    assert re.search(r"0\.003", table) and re.search(r"0\.004", table)
+    header = table.splitlines()[0]
+    assert "test_accuracy" in header
+    lrs = {row[0] for row in sqlite3.connect(repo / "mlflow.db").execute(
+        "select p.value from params p join runs r on p.run_uuid = r.run_uuid where r.name = 'cnn' and p.key = 'train.lr'")}
+    assert {"0.003", "0.004"} <= lrs  # each experiment logged to the repository's store, not its temp copy

@@ -43,6 +43,7 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(None, gt=0)
     max_batches: int | None = Field(None, ge=1)  # per epoch; caps smoke and benchmark runs
     mixed_precision: bool = True  # bf16 autocast on CUDA GPUs that support it; no effect on CPU
+    compile: bool = False  # torch.compile the model (see benchmarks: it does not pay on 2 CPU cores)
     processes: int = Field(1, ge=1)  # data-parallel ranks launched with torchrun (gloo on CPU, NCCL on GPUs)
 
 

@@ -31,7 +31,18 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """MLFLOW_TRACKING_URI, else `mlflow.db` in the repository root.
+
+    `dvc exp run --queue/--temp` runs stages in `<repo>/.dvc/tmp/exps/<copy>`: their runs go to the
+    repository's store too, or each experiment's run would vanish with its temporary copy.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    parts = Path.cwd().parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return f"sqlite:///{Path(*parts[:i]) / 'mlflow.db'}"
+    return DEFAULT_URI
 
 
 def check_reachable(uri: str) -> None:
@@ -133,8 +144,8 @@ def run(experiment: str, family: str, stage: str, device: str, resume_run_id: st
         print(f"MLflow run {resume_run_id} is not in {uri} (tracking store changed?): starting a new run")
         resume_run_id = None
     if resume_run_id is None:
-        mlflow.set_experiment(experiment)
-        active = mlflow.start_run(run_name=family, tags={**tags, "dvc_stage": f"{stage}@{family}"})
+        active = mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, uri), run_name=family,
+                                  tags={**tags, "dvc_stage": f"{stage}@{family}"})
     else:
         active = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tags({f"dvc_stage.{stage}": f"{stage}@{family}", f"device.{stage}": device})
@@ -145,6 +156,18 @@ def run(experiment: str, family: str, stage: str, device: str, resume_run_id: st
         raise
     mlflow.flush_async_logging()
     mlflow.end_run()
+
+
+def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
+    """The experiment's id, creating it if needed; with a local SQLite store its artifacts go to
+    `mlruns/` beside the database (not beside wherever the first run happened to start)."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
 
 
 def _exists(mlflow: Any, run_id: str) -> bool:

@@ -115,6 +115,12 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
+def resident(data: Batch, device: torch.device) -> Batch:
+    """The whole dataset on the GPU, once (Fashion-MNIST as uint8 is 47 MB): batches are then sliced
+    there, with no host-to-device copy per step, which beats pinned memory and non-blocking copies."""
+    return tuple(t.to(device) for t in data)
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU autocast is slower here)."""
     use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -179,6 +185,13 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
         mixed_precision: bool = True) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch."""
     model.to(device)
+    if device.type == "cuda":
+        train = resident(train, device)
+        val = resident(val, device) if val is not None else None
+        if any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules()):
+            model.to(memory_format=torch.channels_last)  # the layout tensor cores want for convolutions
+    if cfg.compile:
+        model.compile()
     groups = model.optimizer_groups()
     optimizers = {name: make_optimizer(params, cfg) for name, params in groups.items()}
     schedules = [s for s in (make_schedule(opt, cfg) for opt in optimizers.values()) if s is not None]
