@@ -1,5 +1,6 @@
-"""What the lectures write by hand: activations with their derivatives, and a dense layer."""
+"""What the lectures write by hand: activations with their derivatives, a dense layer, a recurrent cell."""
 
 from deepzoo.layers.dense import ACTIVATIONS, Activation, Dense
+from deepzoo.layers.recurrent import Recurrent, RecurrentCell
 
-__all__ = ["ACTIVATIONS", "Activation", "Dense"]
+__all__ = ["ACTIVATIONS", "Activation", "Dense", "Recurrent", "RecurrentCell"]

@@ -1,0 +1,217 @@
+"""What the character models of folk tunes (`rnn`, `lstm`) share: Embedding → recurrent core → head.
+
+A family only supplies the core: a module mapping (x [B, T, embedding_dim], state or None) to
+(outputs [B, T, hidden_size], state), the interface of `torch.nn.LSTM(batch_first=True)`.
+
+Training is truncated backpropagation through time: the training stream is cut into windows of
+`seq_length + 1` ids, each starting from a zero state. Evaluation is exact instead: every validation tune
+from its start token to its end token, so no character is predicted from a truncated context.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from deepzoo.config import Section, TrainConfig
+from deepzoo.data import tunes
+from deepzoo.engine.stages import Context, Variant
+from deepzoo.engine.trainer import Batch, Trainable
+from deepzoo.layers import Dense
+from deepzoo.metrics import tunes as tune_metrics
+
+EXPERIMENT = "folk-tunes"
+LN2 = math.log(2)
+
+
+class ModelConfig(Section):
+    embedding_dim: int = Field(32, ge=1)  # learned vector per character
+    hidden_size: int = Field(256, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # before the output head
+
+
+class SequenceTrainConfig(TrainConfig):
+    seq_length: int = Field(100, ge=2)  # characters per window: how far back gradients flow (truncated BPTT)
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(64, ge=1)  # validation tunes per batch
+
+
+class GenerateConfig(Section):
+    count: int = Field(20, ge=1)  # tunes to sample
+    temperature: float = Field(0.8, gt=0)  # < 1 sharpens the distribution: fewer errors, less variety
+    max_length: int = Field(1000, ge=10)  # characters per tune, if the end-of-tune token never comes
+    seed: int = 0
+
+
+class Config(Section):
+    """A sequence family's params; a family overrides `model` with its own `ModelConfig` subclass."""
+
+    model: ModelConfig = ModelConfig()
+    train: SequenceTrainConfig = SequenceTrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+class CharModel(Trainable):
+    """Next-character logits at every step: ids [B, T] → logits [B, T, vocab]."""
+
+    def __init__(self, core: nn.Module, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim)
+        self.core = core
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = Dense(cfg.hidden_size, vocab_size)  # ŷ_t = W_hyᵀ h_t (+ b): the same head at every step
+
+    def step(self, ids: Tensor, state: object = None) -> tuple[Tensor, object]:
+        """Logits and the core's state after `ids`: continue from `state` to sample one character at a time."""
+        outputs, state = self.core(self.embedding(ids), state)
+        return self.head(self.dropout(outputs)), state
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.step(ids)[0]
+
+    def prepare(self, batch: Batch) -> Batch:
+        (windows,) = batch  # [B, seq_length + 1]
+        return windows[:, :-1], windows[:, 1:]  # each input character's target is the next one
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs, targets = batch
+        logits = self(inputs)
+        # A loss at every step, averaged: [B, T, vocab] → [B·T, vocab] against [B·T].
+        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return nats, {"bits_per_char": nats / LN2}
+
+
+def windows(ids: Tensor, seq_length: int) -> Tensor:
+    """[T] → [N, seq_length + 1]: consecutive windows overlapping by one id, so each id is a target once."""
+    if len(ids) < seq_length + 1:
+        raise ValueError(f"{len(ids)} characters are fewer than one window of train.seq_length + 1 = "
+                         f"{seq_length + 1}; lower train.seq_length or prepare more tunes")
+    return ids.unfold(0, seq_length + 1, seq_length)
+
+
+def single_variant(name: str, cfg: Config, core: nn.Module) -> dict[str, Variant]:
+    vocab = tunes.load_vocab()
+    data = {split: (windows(tunes.load(split), cfg.train.seq_length),) for split in ("train", "val")}
+    return {name: Variant(CharModel(core, cfg.model, len(vocab)), data)}
+
+
+@torch.no_grad()
+def tune_nats(model: CharModel, stream: Tensor, batch_size: int, device: torch.device) -> list[tuple[float, int]]:
+    """(summed nats, predicted tokens) of each tune in `stream`, read whole from its start token."""
+    model.eval()
+    starts = (stream == tunes.Vocabulary.start).nonzero().flatten().tolist()
+    pieces = torch.tensor_split(stream, starts[1:])
+    order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))  # similar lengths share a batch
+    results: dict[int, tuple[float, int]] = {}
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        # Right padding: outputs before the padding do not depend on it, and its targets are ignored.
+        padded = nn.utils.rnn.pad_sequence([pieces[i] for i in batch], batch_first=True,
+                                           padding_value=-100).to(device)  # [B, longest]
+        inputs, targets = padded[:, :-1].clamp(min=0), padded[:, 1:]
+        logits = model(inputs).transpose(1, 2)  # [B, vocab, longest - 1], the class axis where F expects it
+        nats = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none").sum(1)  # [B]
+        results |= zip(batch, zip(nats.tolist(), (targets != -100).sum(1).tolist(), strict=True), strict=True)
+    return [results[i] for i in range(len(pieces))]
+
+
+def evaluate(ctx: Context) -> dict[str, float]:
+    """Bits per character of the validation tunes, overall and per tune (`val_tunes.csv`)."""
+    (variant,) = ctx.variants.values()
+    per_tune = tune_nats(variant.model, tunes.load("val"), ctx.cfg.evaluate.batch_size, ctx.device)
+    with (ctx.out / "val_tunes.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["tune", "title", "chars", "bits_per_char"])
+        for i, (text, (nats, count)) in enumerate(zip(tunes.load_tunes("val"), per_tune, strict=True), 1):
+            writer.writerow([i, tunes.parse(text).headers.get("T", ""), len(text), f"{nats / count / LN2:.4f}"])
+    nats = sum(n for n, _ in per_tune) / sum(c for _, c in per_tune)
+    return {"val_loss": round(nats, 4), "val_bits_per_char": round(nats / LN2, 4),
+            "val_perplexity": round(math.exp(nats), 4)}
+
+
+@torch.no_grad()
+def sample(model: CharModel, vocab: tunes.Vocabulary, prime: str, cfg: GenerateConfig,
+           generator: torch.Generator) -> tuple[str, bool]:
+    """One tune primed with <start> + `prime`; returns its text and whether the model ended it itself."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [vocab.start, *vocab.encode(prime)]
+    logits, state = model.step(torch.tensor([ids], device=device))
+    for _ in range(cfg.max_length - len(prime)):
+        # Sampling on the CPU with one seeded generator makes the tunes the same on any device.
+        probabilities = F.softmax(logits[0, -1].float().cpu() / cfg.temperature, dim=-1)
+        next_id = torch.multinomial(probabilities, 1, generator=generator).item()
+        if next_id == vocab.end:
+            return vocab.decode(ids), True
+        ids.append(next_id)
+        logits, state = model.step(torch.tensor([[next_id]], device=device), state)
+    return vocab.decode(ids), False
+
+
+def generate(ctx: Context) -> dict[str, float]:
+    """Sample tunes into `tunes.abc`, convert each to MIDI, and measure how many are valid and new."""
+    (variant,) = ctx.variants.values()
+    cfg: GenerateConfig = ctx.cfg.generate
+    vocab, generator = tunes.load_vocab(), torch.Generator().manual_seed(cfg.seed)
+    # Prime with the start of a tune: its first header line, numbered so that tunes.abc plays as a tune book.
+    samples = [sample(variant.model, vocab, f"X:{i}\n", cfg, generator) for i in range(1, cfg.count + 1)]
+    texts = [text for text, _ in samples]
+    (ctx.out / "tunes.abc").write_text("\n\n".join(texts) + "\n")
+    checks = [tune_metrics.check(text, ctx.out / f"tune_{i:02d}.mid") for i, text in enumerate(texts, 1)]
+    novelty = tune_metrics.Novelty(tunes.load_tunes("train"))
+    novel = [novelty.is_novel(text) for text in texts]
+    write_report(ctx.out / "tunes.csv", texts, checks, novel)
+    render_wav(ctx.out / "tune_01.mid")
+    return {
+        "valid_tune_fraction": mean(c.valid for c in checks),
+        "abc2midi_warning_fraction": mean(bool(c.warnings) for c in checks),
+        "novel_tune_fraction": mean(novel),
+        "ended_tune_fraction": mean(ended for _, ended in samples),
+        "mean_tune_chars": mean(len(text) for text in texts),
+        **reference_fractions(novelty),
+    }
+
+
+def reference_fractions(novelty: tune_metrics.Novelty) -> dict[str, float]:
+    """The same measures on the held-out human tunes: what 'valid' and 'novel' score on real music."""
+    held_out = tunes.load_tunes("val")
+    with tempfile.TemporaryDirectory() as scratch:
+        valid = [tune_metrics.check(tune, Path(scratch) / "tune.mid").valid for tune in held_out]
+    return {"reference_valid_tune_fraction": mean(valid),
+            "reference_novel_tune_fraction": mean(novelty.is_novel(tune) for tune in held_out)}
+
+
+def write_report(path: Path, texts: list[str], checks: list[tune_metrics.TuneCheck], novel: list[bool]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["tune", "chars", "valid", "novel", "warnings", "problems"])
+        for i, (text, check, new) in enumerate(zip(texts, checks, novel, strict=True), 1):
+            writer.writerow([i, len(text), check.valid, new, len(check.warnings), "; ".join(check.problems)])
+
+
+def render_wav(midi: Path) -> None:
+    """One tune as audio, when TiMidity++ is installed (one is enough to listen to; WAVs are large)."""
+    if shutil.which("timidity") is None or not midi.is_file():
+        return
+    done = subprocess.run(["timidity", "-Ow", "--output-mono", "-s", "22050", "-o", str(midi.with_suffix(".wav")),
+                           str(midi)], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        print(f"note: timidity could not render {midi.name} ({done.stderr.strip()[-200:]}); no WAV written")
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return round(sum(values) / max(len(values), 1), 4)

@@ -1,0 +1,91 @@
+"""Is a generated tune music, and is it new? A real ABC parser (abc2midi) decides the first.
+
+Valid: the required headers (X:, M:, L:, K:), a body of at least `MIN_BARS` bars, and abc2midi converts it
+to MIDI without an error (its warnings, e.g. a bar one beat short, are counted apart).
+Novel: its body shares no run of `NOVELTY_CHARS` characters with any training tune's body. 30 characters
+is about three bars of eighth notes: common cadences and ornaments are shorter, so sharing them is not
+copying, while a shared 30-character run is a whole phrase lifted from one tune. The generate stage
+reports what both measures say of held-out human tunes too (`reference_*_fraction`), as a yardstick.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deepzoo.data.tunes import parse, problems
+
+MIN_BARS = 4
+NOVELTY_CHARS = 30
+ABC2MIDI_TIMEOUT_S = 20
+# What is not music inside a body: "quoted" chord symbols and annotations, !decorations!, %comments.
+NOT_MUSIC = re.compile(r'"[^"\n]*"|![^!\n]*!|%[^\n]*')
+# A bar line: |, ||, |], [|, :|, |:, ::|, |:: ... (a run of bar-line characters containing a |).
+BAR_LINE = re.compile(r"[\[:]*\|[\]|:]*")
+
+
+@dataclass
+class TuneCheck:
+    problems: list[str] = field(default_factory=list)  # missing headers, short body, abc2midi errors
+    warnings: list[str] = field(default_factory=list)  # abc2midi warnings
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+
+def count_bars(body: str) -> int:
+    """Bar lines in the body: each closes a bar (a leading |: opens the first one and is not counted)."""
+    music = NOT_MUSIC.sub("", body).lstrip()
+    return len(BAR_LINE.findall(music)) - (1 if BAR_LINE.match(music) else 0)
+
+
+def abc2midi(text: str, midi: Path) -> tuple[list[str], list[str]]:
+    """Convert one tune to `midi`; return abc2midi's error and warning lines (it exits 0 even on errors)."""
+    if shutil.which("abc2midi") is None:
+        raise FileNotFoundError("abc2midi not found: install the abcmidi package (Debian: apt-get install abcmidi)")
+    midi.unlink(missing_ok=True)  # so that a file left from an earlier run cannot pass for this one
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "tune.abc"
+        source.write_text(text + "\n")
+        try:
+            done = subprocess.run(["abc2midi", str(source), "-o", str(midi)], capture_output=True, text=True,
+                                  timeout=ABC2MIDI_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return [f"abc2midi did not finish in {ABC2MIDI_TIMEOUT_S} s"], []
+    lines = (done.stdout + done.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    if done.returncode != 0:
+        errors.append(f"abc2midi exited with status {done.returncode}")
+    if not midi.is_file():
+        errors.append("abc2midi wrote no MIDI file")
+    return errors, [line for line in lines if line.startswith("Warning")]
+
+
+def check(text: str, midi: Path) -> TuneCheck:
+    """Check one tune and write its MIDI file (when abc2midi can) to `midi`."""
+    tune = parse(text)
+    result = TuneCheck(problems=problems(tune))
+    if (bars := count_bars(tune.body)) < MIN_BARS:
+        result.problems.append(f"{bars} bars, fewer than {MIN_BARS}")
+    errors, result.warnings = abc2midi(text, midi)
+    result.problems += errors
+    return result
+
+
+class Novelty:
+    """Tells whether a tune's body copies a phrase of at least `chars` characters from a training body."""
+
+    def __init__(self, training_tunes: Iterable[str], chars: int = NOVELTY_CHARS):
+        self.chars = chars
+        self.phrases = {body[i : i + chars] for tune in training_tunes
+                        for body in [parse(tune).body] for i in range(len(body) - chars + 1)}
+
+    def is_novel(self, tune: str) -> bool:
+        body = parse(tune).body
+        return not any(body[i : i + self.chars] in self.phrases for i in range(len(body) - self.chars + 1))
