@@ -127,7 +127,7 @@ def git_commit_all(repo: Path, message: str) -> None:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
-    subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", message, "--allow-empty"], cwd=repo, check=True, env=env)
 
 
 def test_dvc_remote_restores_models_and_data_on_a_fresh_clone(repo, tmp_path):

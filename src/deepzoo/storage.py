@@ -14,6 +14,16 @@ from typing import Any
 import torch
 
 
+def repository_root(cwd: Path | None = None) -> Path:
+    """The repository the stage belongs to: `dvc exp run --queue/--temp` runs stages in a copy at
+    `<repo>/.dvc/tmp/exps/<copy>`, whose shared state (the MLflow store) lives in `<repo>`."""
+    parts = (cwd or Path.cwd()).parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd or Path.cwd()
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (file or folder) that replaces `path` only on success."""

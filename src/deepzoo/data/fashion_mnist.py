@@ -129,3 +129,8 @@ def load(split_name: str, root: Path = OUTPUT) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{path} not found: run `dvc repro prepare_images` first")
     return torch.load(path)
+
+
+def splits(root: Path = OUTPUT) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each split, as the trainer batches them."""
+    return {name: (t["images"], t["labels"]) for name in ("train", "val", "test") for t in [load(name, root)]}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
+
+from deepzoo.storage import repository_root
 
 ENV = "DEEPZOO_DEVICE"
 
@@ -30,10 +33,16 @@ def resolve(name: str | None = None) -> torch.device:
 
 
 def configure_threads() -> None:
-    """One intra-op thread per core, shared among the ranks torchrun started on this machine."""
+    """One intra-op thread per core, shared among the ranks torchrun started on this machine.
+
+    Queued `dvc exp` workers run side by side, and processes whose thread pools together exceed the
+    cores slow each other down ~10× (spinning OpenMP threads): there each stage takes one thread.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(cores // ranks_here, 1))))
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if repository_root() != Path.cwd():
+        sharing = cores
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(cores // sharing, 1))))
 
 
 def seed_everything(seed: int) -> torch.Generator:

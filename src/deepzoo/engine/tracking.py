@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import deepzoo
+from deepzoo.storage import repository_root
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 REACH_TIMEOUT_S = 5
@@ -31,18 +32,12 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else `mlflow.db` in the repository root.
-
-    `dvc exp run --queue/--temp` runs stages in `<repo>/.dvc/tmp/exps/<copy>`: their runs go to the
-    repository's store too, or each experiment's run would vanish with its temporary copy.
-    """
+    """MLFLOW_TRACKING_URI, else `mlflow.db` in the repository root (also for `dvc exp` temporary
+    copies: each experiment's run must outlive its copy)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    parts = Path.cwd().parts
-    for i in range(len(parts) - 3):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return f"sqlite:///{Path(*parts[:i]) / 'mlflow.db'}"
-    return DEFAULT_URI
+    root = repository_root()
+    return DEFAULT_URI if root == Path.cwd() else f"sqlite:///{root / 'mlflow.db'}"
 
 
 def check_reachable(uri: str) -> None:

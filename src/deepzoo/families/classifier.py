@@ -35,13 +35,8 @@ class ImageClassifier(Trainable):
         return F.cross_entropy(logits, labels), {"accuracy": accuracy}
 
 
-def fashion_mnist_splits() -> dict[str, Batch]:
-    return {split: (t["images"], t["labels"]) for split in ("train", "val", "test")
-            for t in [fashion_mnist.load(split)]}
-
-
 def single_variant(name: str, model: ImageClassifier) -> dict[str, Variant]:
-    return {name: Variant(model, fashion_mnist_splits())}
+    return {name: Variant(model, fashion_mnist.splits())}
 
 
 def evaluate(ctx: Context) -> dict[str, float]:
