@@ -81,7 +81,7 @@ def test_plateau_schedule_lowers_the_learning_rate():
 
 def test_diverging_loss_raises_a_clear_error():
     cfg = TrainConfig(epochs=5, batch_size=32, optimizer="sgd", lr=10.0, momentum=0.0, patience=None)
-    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*Lower the learning rate \(train.lr = 10, try 1\)"):
+    with pytest.raises(TrainingDiverged, match=r"loss became NaN or infinite by epoch \d, batch \d+.*Lower the learning rate \(train.lr = 10, try 1\)"):
         train(cfg, regression_data(noise=1.0))
 
 

@@ -11,7 +11,6 @@ import copy
 import math
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -105,7 +104,7 @@ def batches(tensors: Batch, batch_size: int, generator: torch.Generator | None =
             yield tuple(t[start : start + batch_size] for t in tensors)
         return
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order[rank::world]
+    order = order[rank::world].to(tensors[0].device)  # index on the data's device: no sync per batch
     for start in range(0, len(order), batch_size)[:max_batches]:
         index = order[start : start + batch_size]
         yield tuple(t[index] for t in tensors)
@@ -128,24 +127,32 @@ def autocast(device: torch.device, enabled: bool):
 
 
 class Averager:
-    """Sample-weighted means of per-batch tensors, kept on the device until read."""
+    """Sample-weighted means of per-batch metrics. Each batch adds one stacked tensor that stays on the
+    device: no GPU sync and one small kernel per step, the sums are taken when the epoch is read."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
-        self.count = 0
+        self.keys: tuple[str, ...] = ()
+        self.rows: list[Tensor] = []
+        self.counts: list[int] = []
 
     def add(self, metrics: Metrics, n: int) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums[key].to(value.device) + value.detach().float() * n
-        self.count += n
+        self.keys = self.keys or tuple(metrics)
+        self.rows.append(torch.stack([value.detach().float() for value in metrics.values()]))
+        self.counts.append(n)
+
+    def nonfinite_loss(self, last: int | None = None) -> str | None:
+        """The first loss that is NaN or infinite in the last `last` batches (all when None), if any."""
+        recent = torch.isfinite(torch.stack(self.rows[-last if last else 0 :])).all(0).tolist()
+        return next((k for k, ok in zip(self.keys, recent, strict=True) if k.endswith("loss") and not ok), None)
 
     def means(self) -> dict[str, float]:
         """Means over all ranks: every rank sees the same numbers, so takes the same decisions."""
-        if not self.sums:
+        if not self.rows:
             return {}
-        totals = distributed.all_sum(torch.stack([*self.sums.values(), torch.tensor(float(self.count)).to(
-            next(iter(self.sums.values())).device)]))
-        return {key: total.item() / max(totals[-1].item(), 1) for key, total in zip(self.sums, totals, strict=False)}
+        rows = torch.stack(self.rows)  # [batches, metrics]
+        weights = torch.tensor(self.counts, dtype=rows.dtype, device=rows.device)
+        sums = distributed.all_sum(torch.cat([weights @ rows, weights.sum().unsqueeze(0)]))
+        return {key: (total / sums[-1]).item() for key, total in zip(self.keys, sums, strict=False)}
 
 
 @torch.no_grad()
@@ -253,7 +260,7 @@ def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimi
             metrics.update({"loss" if single else f"{group}_loss": loss, **group_metrics})
         averager.add(metrics, len(batch[0]))
         if step % NAN_CHECK_EVERY == 0:
-            _check_finite(averager, epoch, step, cfg)
+            _check_finite(averager, epoch, step, cfg, last=NAN_CHECK_EVERY)
     _check_finite(averager, epoch, step, cfg)
     row = {f"train/{k}": v for k, v in averager.means().items()}
     if norms:  # norms before clipping: what shows exploding gradients
@@ -272,11 +279,11 @@ def _losses(model: Trainable, batch: Batch, device: torch.device, mixed_precisio
         yield item
 
 
-def _check_finite(averager: Averager, epoch: int, step: int, cfg: TrainConfig) -> None:
-    bad = [key for key, total in averager.sums.items() if key.endswith("loss") and not torch.isfinite(total)]
+def _check_finite(averager: Averager, epoch: int, step: int, cfg: TrainConfig, last: int | None = None) -> None:
+    bad = averager.nonfinite_loss(last)
     if bad:
         raise TrainingDiverged(
-            f"{bad[0]} became {averager.sums[bad[0]].item()} by epoch {epoch}, batch {step}: training diverged. "
+            f"{bad} became NaN or infinite by epoch {epoch}, batch {step}: training diverged. "
             f"Lower the learning rate (train.lr = {cfg.lr:g}, try {cfg.lr / 10:g})"
             + ("" if cfg.clip_grad_norm else " or set train.clip_grad_norm (e.g. 1.0)") + "."
         )
