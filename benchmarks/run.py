@@ -44,8 +44,9 @@ def fresh_variant(family_name: str, seed: int = 0):
 def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
     """The plainest PyTorch loop of the same model, optimizer and numerics: samples per second.
 
-    On a GPU it makes the same setup choices as the trainer (dataset resident on the GPU, channels_last
-    convolutions, bf16 autocast when `mixed_precision`), so the ratio measures the loop, not the setup.
+    It makes the recipe's choices the trainer makes (gradient clipping; on a GPU the dataset resident on
+    the GPU, channels_last convolutions, bf16 autocast when `mixed_precision`), so the ratio measures the
+    loop, not the setup.
     """
     model.to(device).train()
     bf16 = cfg.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -53,7 +54,8 @@ def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
         data = tuple(t.to(device) for t in data)
         if any(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules()):
             model.to(memory_format=torch.channels_last)
-    optimizers = {name: OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr) for name, params in model.optimizer_groups().items()}
+    groups = model.optimizer_groups()
+    optimizers = {name: OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr) for name, params in groups.items()}
     generator, samples = torch.Generator().manual_seed(0), 0
     start = time.perf_counter()
     for batch in batches(data, cfg.batch_size, generator, n_batches):
@@ -62,6 +64,8 @@ def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
             for group, loss, _ in model.training_losses(batch):
                 optimizers[group].zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.clip_grad_norm is not None:  # part of the recipe (rnn, lstm), so the bare loop clips too
+                    torch.nn.utils.clip_grad_norm_(groups[group], cfg.clip_grad_norm)
                 optimizers[group].step()
         samples += len(batch[0])
     if device.type == "cuda":
