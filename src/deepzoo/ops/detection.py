@@ -1,0 +1,203 @@
+"""Object-detection primitives for the R-CNN family, in plain PyTorch (torchvision is not a dependency).
+
+Boxes are float tensors [N, 4] of (x1, y1, x2, y2) in continuous pixel coordinates: pixel (row i, column j)
+covers [j, j + 1] × [i, i + 1], so its centre is (j + 0.5, i + 0.5) and a box's width is x2 − x1 (no "+1").
+This is the convention of torchvision's `roi_align(aligned=True)` and of `grid_sample(align_corners=False)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BBOX_EXP_CLAMP = math.log(1000.0 / 16)  # Detectron's bound on dw, dh: exp() of a wild regression would overflow
+Weights = tuple[float, float, float, float]  # (wx, wy, ww, wh) of the box parameterisation
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Areas [N] of `boxes` [N, 4]; inverted boxes count as empty rather than negative."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise intersection over union [N, M] of `a` [N, 4] and `b` [M, 4].
+
+    The intersection never exceeds the union, so where two empty boxes have a zero union the intersection is 0
+    too: clamping the denominator defines their IoU as 0 (never NaN, also in the backward pass).
+    Written column by column, with in-place ops, because NMS calls it on thousands of boxes at once.
+    """
+    width = torch.minimum(a[:, None, 2], b[:, 2]) - torch.maximum(a[:, None, 0], b[:, 0])  # [N, M]
+    height = torch.minimum(a[:, None, 3], b[:, 3]) - torch.maximum(a[:, None, 1], b[:, 1])  # [N, M]
+    intersection = width.clamp_(min=0).mul_(height.clamp_(min=0))
+    union = box_area(a)[:, None] + box_area(b) - intersection
+    return intersection / union.clamp_(min=torch.finfo(union.dtype).tiny)
+
+
+def _centres_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * width, boxes[:, 1] + 0.5 * height, width, height
+
+
+def encode_boxes(reference: Tensor, target: Tensor, weights: Weights = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Regression targets [N, 4] that move `reference` boxes onto `target` boxes (R-CNN, Girshick et al. 2014).
+
+    Offsets are relative to the reference size and sizes are log-ratios, so the targets are scale-invariant;
+    `weights` (wx, wy, ww, wh) rescale them to roughly unit variance, e.g. (10, 10, 5, 5) for the box head.
+    """
+    rx, ry, rw, rh = _centres_and_sizes(reference)
+    tx, ty, tw, th = _centres_and_sizes(target)
+    wx, wy, ww, wh = weights
+    return torch.stack(
+        [wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=1
+    )
+
+
+def decode_boxes(reference: Tensor, deltas: Tensor, weights: Weights = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Boxes [N, 4] obtained by applying `deltas` [N, 4] to `reference` [N, 4]: the inverse of `encode_boxes`."""
+    rx, ry, rw, rh = _centres_and_sizes(reference)
+    wx, wy, ww, wh = weights
+    x = rx + deltas[:, 0] / wx * rw
+    y = ry + deltas[:, 1] / wy * rh
+    half_w = 0.5 * rw * torch.exp((deltas[:, 2] / ww).clamp(max=BBOX_EXP_CLAMP))
+    half_h = 0.5 * rh * torch.exp((deltas[:, 3] / wh).clamp(max=BBOX_EXP_CLAMP))
+    return torch.stack([x - half_w, y - half_h, x + half_w, y + half_h], dim=1)
+
+
+def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
+    """`boxes` [N, 4] clamped to the image [0, width] × [0, height], so decoded proposals stay on the image."""
+    x = boxes[:, 0::2].clamp(0, width)  # [N, 2]: x1, x2
+    y = boxes[:, 1::2].clamp(0, height)  # [N, 2]: y1, y2
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+def remove_small(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices [K] of the boxes at least `min_size` wide and high: slivers only add noise to NMS and RoI pooling."""
+    keep = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
+    return torch.where(keep)[0]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Indices [K] of the boxes kept by greedy non-maximum suppression, by decreasing score.
+
+    Each box, best first, is kept unless a kept box overlaps it with IoU > `iou_threshold`. The [N, N] IoU matrix
+    is computed once and dominates the cost; the Python loop only ORs rows of a boolean matrix (milliseconds).
+    Equal scores keep their input order (stable sort), so the result is deterministic.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu()  # [N, N], in score order
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlaps[i]
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """`nms` within each label only: per-class suppression for the detection head, in one call.
+
+    Each label's boxes are shifted by label × (extent of all boxes + 1), so boxes of different labels never overlap.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    extent = boxes.max() - boxes.min() + 1
+    return nms(boxes + (labels.to(boxes.dtype) * extent)[:, None], scores, iou_threshold)
+
+
+def anchors(
+    feature_height: int, feature_width: int, stride: float, sizes: Sequence[float], ratios: Sequence[float]
+) -> Tensor:
+    """Anchor boxes [H·W·A, 4] (on the CPU: build once, move with `.to`) for a map of stride `stride`.
+
+    Every cell (i, j) gets A = len(sizes) · len(ratios) anchors centred on ((j + 0.5) · stride, (i + 0.5) · stride),
+    of area size² and height / width = ratio. Ordering: cells row-major (i, then j), then per cell sizes-major,
+    ratios-minor: anchor index = ((i · W + j) · len(sizes) + s) · len(ratios) + r, as a [H, W, A] head output.
+    """
+    size = torch.tensor(sizes, dtype=torch.float32)[:, None]  # [S, 1]
+    ratio = torch.tensor(ratios, dtype=torch.float32)[None, :]  # [1, R]
+    half_w = (0.5 * size / ratio.sqrt()).reshape(-1)  # [A]: w = size / √ratio, h = size · √ratio
+    half_h = (0.5 * size * ratio.sqrt()).reshape(-1)  # [A]
+    cell = torch.stack([-half_w, -half_h, half_w, half_h], dim=1)  # [A, 4], centred on 0
+    cy = (torch.arange(feature_height, dtype=torch.float32) + 0.5) * stride
+    cx = (torch.arange(feature_width, dtype=torch.float32) + 0.5) * stride
+    cy, cx = torch.meshgrid(cy, cx, indexing="ij")  # [H, W] each
+    centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # [H·W, 1, 4]
+    return (centres + cell[None]).reshape(-1, 4)  # [H·W·A, 4]
+
+
+def roi_align(
+    features: Tensor, boxes: Tensor, batch_index: Tensor, output_size: int, spatial_scale: float, sampling: int = 2
+) -> Tensor:
+    """Fixed-size features [K, C, output_size, output_size] of `boxes` [K, 4] (RoI Align, He et al. 2017).
+
+    `boxes` are in image pixels and `batch_index` [K] says which image of `features` [B, C, H, W] each comes from.
+    Each output cell averages sampling × sampling bilinear samples spread evenly over it: unlike RoI Pool there is
+    no rounding, so the result is a differentiable function of the box position as well as of the features.
+    Samples beyond the map take the nearest border value (torchvision instead zeroes those more than a pixel out).
+    """
+    _, channels, height, width = features.shape
+    points = output_size * sampling
+    steps = (torch.arange(points, dtype=features.dtype, device=features.device) + 0.5) / points  # [P]
+    scaled = boxes.to(features.dtype) * spatial_scale
+    xs = scaled[:, 0:1] + steps * (scaled[:, 2:3] - scaled[:, 0:1])  # [K, P], in feature pixels
+    ys = scaled[:, 1:2] + steps * (scaled[:, 3:4] - scaled[:, 1:2])  # [K, P]
+    # align_corners=False maps [-1, 1] onto the pixel edges [0, width], i.e. our continuous coordinates
+    gx = (2 * xs / width - 1)[:, None, :].expand(-1, points, -1)  # [K, P (y), P (x)]
+    gy = (2 * ys / height - 1)[:, :, None].expand(-1, -1, points)  # [K, P (y), P (x)]
+    grid = torch.stack([gx, gy], dim=-1)  # [K, P, P, 2]
+    samples = features.new_zeros(len(boxes), channels, points, points)
+    for b in batch_index.unique().tolist():
+        mine = batch_index == b
+        # all of one image's boxes in a single call: grid [1, K_b·P, P, 2] -> [1, C, K_b·P, P]
+        sampled = F.grid_sample(
+            features[b : b + 1], grid[mine].reshape(1, -1, points, 2), align_corners=False, padding_mode="border"
+        )
+        samples[mine] = sampled.reshape(channels, -1, points, points).transpose(0, 1)  # [K_b, C, P, P]
+    return F.avg_pool2d(samples, sampling)
+
+
+def match_anchors(anchors: Tensor, gt_boxes: Tensor, high: float = 0.7, low: float = 0.3) -> tuple[Tensor, Tensor]:
+    """Labels [A] (1 object, 0 background, −1 ignored) and the index [A] of each anchor's best ground-truth box.
+
+    Faster R-CNN's rule: IoU ≥ `high` is positive, < `low` negative, in between ignored; and each gt box's best
+    anchors (all ties) are positive even below `high`, so that small or oddly shaped objects still get a match.
+    A gt box that overlaps no anchor at all is left unmatched rather than making every anchor its "best".
+    With no gt boxes every anchor is background and the index is 0 (meaningless, but safe to gather with).
+    """
+    if len(gt_boxes) == 0:
+        zeros = torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
+        return zeros, zeros.clone()
+    iou = box_iou(gt_boxes, anchors)  # [G, A]
+    best_iou, matched = iou.max(dim=0)  # [A]
+    labels = torch.full_like(matched, -1)
+    labels[best_iou < low] = 0
+    labels[best_iou >= high] = 1
+    best_per_gt = iou.max(dim=1, keepdim=True).values  # [G, 1]
+    is_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)  # [A]
+    labels[is_best] = 1
+    return labels, matched
+
+
+def sample_labels(labels: Tensor, batch_size: int, positive_fraction: float, generator: torch.Generator) -> Tensor:
+    """`labels` with at most `batch_size` kept (the rest set to −1): positives up to the quota, then negatives.
+
+    Anchors are overwhelmingly background; sampling a fixed, positive-rich mini-batch keeps the loss balanced.
+    Which ones are kept is drawn with `generator`, so a seeded generator makes training reproducible.
+    """
+    positive, negative = torch.where(labels == 1)[0], torch.where(labels == 0)[0]
+    num_positive = min(len(positive), int(batch_size * positive_fraction))
+    num_negative = min(len(negative), batch_size - num_positive)
+
+    def draw(indices: Tensor, count: int) -> Tensor:
+        chosen = torch.randperm(len(indices), generator=generator, device=generator.device)[:count]
+        return indices[chosen.to(indices.device)]
+
+    sampled = torch.full_like(labels, -1)
+    sampled[draw(positive, num_positive)] = 1
+    sampled[draw(negative, num_negative)] = 0
+    return sampled
