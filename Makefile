@@ -12,10 +12,11 @@ PIP := $(BIN)/python -m pip install -q
 QUIET := 2>&1 | sed '/^WARNING: Location/d'  # this machine's pip config names local mirrors that may be absent
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test bench setup system-packages ui clean-outputs
+.PHONY: run test bench setup system-packages ui wiring clean-outputs
 
 run: setup
 	dvc repro
+	PYTHONPATH=src $(BIN)/python -m deepzoo.summary --readme  # the results table = reports/summary.md
 	@echo
 	@echo "Done. Metrics: dvc metrics show   Runs: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
@@ -25,6 +26,10 @@ test: setup
 bench: setup
 	dvc repro prepare_images prepare_tunes
 	$(BIN)/python benchmarks/run.py
+
+# After adding a family to src/deepzoo/registry.py (or changing what a module imports): dvc.yaml's vars.
+wiring: setup
+	PYTHONPATH=src $(BIN)/python -m deepzoo.wiring
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1

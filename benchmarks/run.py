@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from deepzoo import config
+from deepzoo import config, registry
 from deepzoo.engine import stages
 from deepzoo.engine.device import configure_threads, resolve
 from deepzoo.engine.trainer import Trainable, batches, evaluate, fit, to_device
@@ -34,7 +34,7 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 
 
 def fresh_variant(family_name: str, seed: int = 0):
-    family = stages.family_module(family_name)
+    family = registry.family_module(family_name)
     cfg = config.load_section(family_name, family.Config)
     torch.manual_seed(seed)
     variant = next(iter(family.variants(cfg).values()))
@@ -164,7 +164,7 @@ def tracking_overhead() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=[f for f in stages.FAMILIES if f != "perceptron"])
+    parser.add_argument("--families", nargs="+", default=[f for f in registry.FAMILIES if f != "perceptron"])
     parser.add_argument("--batches", type=int, default=60, help="batches per throughput measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-time-to-accuracy", action="store_true")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from configs import merge, smoke_params
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def deepzoo(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -25,9 +27,7 @@ def deepzoo(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("ddp")
-    params = {"common": {"seed": 0}, "fashion_mnist": {"val_size": 200, "limit": 1000},
-              "cnn": {"model": {"filters": [4, 8], "dense": 32},
-                      "train": {"epochs": 2, "batch_size": 100, "patience": None}}}
+    params = merge(smoke_params(), {"common": {"seed": 0}, "cnn": {"train": {"epochs": 2, "patience": None}}})
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     done = deepzoo(workdir, "prepare", "fashion_mnist")
     assert done.returncode == 0, done.stderr

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from configs import shipped
 
+from deepzoo.config import ConfigError
+from deepzoo.data import embeddings
 from deepzoo.engine.stages import Context
 from deepzoo.engine.trainer import fit
 from deepzoo.families import autoencoder, betavae, cnn, gan, generative, vae
@@ -37,7 +40,7 @@ def fake_splits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_reparameterisation_passes_gradients_to_mu_and_sigma() -> None:
-    model = vae.VAE(vae.ModelConfig(**TINY))
+    model = vae.VAE(shipped("vae", vae.Config, model=TINY).model)
     mu, logvar = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
     torch.manual_seed(0)
     z = model.reparameterize(mu, logvar)
@@ -59,38 +62,33 @@ def test_closed_form_kl_equals_a_monte_carlo_estimate() -> None:
     assert abs(log_ratio.mean() - closed_form) < 4 * standard_error
 
 
-def test_betavae_with_beta_one_has_the_vae_loss(fake_splits: None) -> None:
-    torch.manual_seed(0)
-    (model_vae,) = [v.model for v in vae.variants(vae.Config(model=TINY)).values()]
-    torch.manual_seed(0)
-    (variant,) = betavae.variants(betavae.Config(model={**TINY, "beta": 1.0})).values()
-    batch = variant.model.prepare(variant.data["train"])
+def test_betavae_is_the_vae_with_the_kl_weighted_by_beta(fake_splits: None) -> None:
+    cfg = shipped("betavae", betavae.Config, model=TINY)
+    assert cfg.model.beta == 4.0
+    (variant,) = betavae.variants(cfg).values()
+    assert type(variant.model) is vae.VAE
     torch.manual_seed(1)
-    loss_vae, metrics = model_vae.loss(batch)
-    torch.manual_seed(1)
-    loss_beta, _ = variant.model.loss(batch)
-    torch.testing.assert_close(loss_beta, loss_vae)
-    assert betavae.Config().model.beta == 4.0
-    torch.manual_seed(1)
-    loss_beta4, _ = vae.VAE(betavae.ModelConfig(**TINY)).loss(batch)  # β = 4 weighs the KL 4 times
-    assert not torch.isclose(loss_beta4, loss_vae)
-    torch.testing.assert_close(loss_vae, metrics["recon"] + metrics["kl"])
+    loss, metrics = variant.model.loss(variant.model.prepare(variant.data["train"]))
+    torch.testing.assert_close(loss, metrics["recon"] + 4.0 * metrics["kl"])
+    torch.testing.assert_close(metrics["neg_elbo"], metrics["recon"] + metrics["kl"])  # the ELBO itself, β = 1
+    with pytest.raises(ConfigError, match=r"betavae\.model\.beta must be > 1"):
+        shipped("betavae", betavae.Config, model={"beta": 1.0})  # that is the `vae` family
 
 
 def test_one_gan_step_through_the_trainer_changes_both_networks() -> None:
     torch.manual_seed(0)
-    model = gan.GAN(gan.ModelConfig(**TINY))
+    cfg = shipped("gan", gan.Config, model=TINY, train={"epochs": 1, "batch_size": 8})
+    model = gan.GAN(cfg.model)
     before = {name: [p.detach().clone() for p in params] for name, params in model.optimizer_groups().items()}
     data = (fake_images(8), torch.zeros(8, dtype=torch.long))
-    cfg = gan.Config().train.model_copy(update={"epochs": 1, "batch_size": 8})
-    result = fit(model, data, None, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    result = fit(model, data, None, cfg.train, torch.device("cpu"), torch.Generator().manual_seed(0))
     for name, params in model.optimizer_groups().items():
         assert any(not torch.equal(a, b) for a, b in zip(before[name], params, strict=True)), f"{name} did not move"
     assert {"train/discriminator_loss", "train/generator_loss", "train/d_real"} <= set(result.history[0])
 
 
 def test_gan_scores_the_generator_with_the_updated_discriminator() -> None:
-    model = gan.GAN(gan.ModelConfig(**TINY))
+    model = gan.GAN(shipped("gan", gan.Config, model=TINY).model)
     steps = model.training_losses(model.prepare((fake_images(4), torch.zeros(4))))
     group, d_loss, _ = next(steps)
     assert group == "discriminator" and not torch.isclose(d_loss, torch.tensor(2 * math.log(2)))
@@ -123,8 +121,8 @@ def test_frechet_distance_closed_forms() -> None:
 
 def test_fid_is_zero_for_a_set_with_itself_and_grows_with_noise() -> None:
     torch.manual_seed(0)
-    extractor = cnn.CNN(cnn.ModelConfig(filters=(8, 16), dense=64)).eval()  # random weights still embed images
-    images = generative.to_unit(fake_images(800))
+    extractor = fid.Features(cnn.CNN(shipped("cnn", cnn.Config, model={"filters": [8, 16], "dense": 64}).model))
+    images = generative.to_unit(fake_images(800))  # random weights still embed images
     fit = lambda x: fid.fit_gaussian(fid.features(extractor, x))  # noqa: E731
     reference = fit(images)
     assert fid.frechet_distance(reference, fit(images)) < 1e-6
@@ -136,7 +134,7 @@ def test_fid_is_zero_for_a_set_with_itself_and_grows_with_noise() -> None:
 
 def test_importance_weighted_nll_is_at_most_the_negative_elbo() -> None:
     torch.manual_seed(0)
-    model = vae.VAE(vae.ModelConfig(**TINY)).eval()
+    model = vae.VAE(shipped("vae", vae.Config, model=TINY).model).eval()
     x = generative.to_unit(fake_images(6))
     with torch.no_grad():
         nll, neg_elbo_same_samples = vae.importance_weighted_nll(model, x, k=200)
@@ -150,21 +148,18 @@ def test_importance_weighted_nll_is_at_most_the_negative_elbo() -> None:
 @pytest.mark.parametrize("family", [autoencoder, vae, betavae, gan])
 def test_evaluate_and_generate_write_their_metrics_and_figures(family, fake_splits: None, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # FID reads the trained cnn from models/cnn/cnn.pt
-    extractor = cnn.Config(model={"filters": (4, 8), "dense": 16})
-    Path("models/cnn").mkdir(parents=True)
-    torch.save({"state_dict": cnn.CNN(extractor.model).state_dict(), "config": extractor.model_dump(mode="json")},
-               fid.CNN_CHECKPOINT)
-    cfg = family.Config(model=TINY, evaluate={"fid_samples": 40, **({"iw_samples": 5, "iw_images": 4}
-                                                                    if family in (vae, betavae) else {})},
-                        generate={"steps": 3})
+    monkeypatch.chdir(tmp_path)  # FID reads its reference from data/processed/embeddings
+    torch.manual_seed(0)
+    extractor = cnn.CNN(shipped("embeddings", embeddings.Params).model)  # random weights still embed images
+    embeddings.write_reference(extractor, generative.fashion_mnist.splits(), samples=40)
+    cfg = shipped(family.__name__.rpartition(".")[2], family.Config, model=TINY, generate={"steps": 3})
     variants = family.variants(cfg)
-    ctx = Context(variants, cfg, torch.device("cpu"), tmp_path / "plots", seed=0)
+    ctx = Context(variants, cfg, torch.device("cpu"), tmp_path / "plots", seed=0, samples=tmp_path / "samples")
     ctx.out.mkdir()
     with torch.no_grad():
         metrics = family.evaluate(ctx)
     assert {"fid", "fid_real_floor"} <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
-    ctx.out = tmp_path / "samples"
+    ctx.out = ctx.samples
     ctx.out.mkdir()
     family.generate(ctx)
     written = {p.name for p in ctx.out.iterdir()}

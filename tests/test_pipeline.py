@@ -1,124 +1,139 @@
-"""The CI pipeline validation: the whole `dvc repro` at smoke scale in a temporary copy of the repository."""
+"""The CI pipeline validation: the whole `dvc repro` at smoke scale in a temporary copy of the repository.
+
+One `dvc repro` builds the baseline (tests/conftest.py); a test that changes anything works on its own copy of
+it (`workspace`), so every test passes alone and in any order.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import yaml
+from configs import smoke_params
+from conftest import dvc, set_param, stages_run
 
-from deepzoo.engine.stages import FAMILIES
+from deepzoo import registry
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = Path(__file__).with_name("smoke_params.yaml")
-# The families whose evaluation reads the trained cnn's features (FID), per dvc.yaml.
-FID_FAMILIES = {name for name, item in yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][1]["families"].items()
-                if item["evaluates_with"] == "models/cnn"}
+FID_FAMILIES = {name for name, family in registry.FAMILIES.items() if registry.EMBEDDINGS in family.evaluation_reads}
 
 pytestmark = pytest.mark.pipeline
 
 
-def merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
+def test_first_repro_runs_every_stage(baseline):
+    ran = stages_run(baseline.joinpath("first_repro.log").read_text())
+    expected = {f"{stage}@{name}" for name in registry.FAMILIES for stage in ("train", "evaluate")}
+    expected |= {f"generate@{name}" for name, family in registry.FAMILIES.items() if family.generates}
+    assert expected | {dataset.stage for dataset in registry.DATASETS.values()} <= ran
 
 
-def dvc(repo: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the venv's `deepzoo` console script
-    done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A copy of the repository's files (as git sees them) on smoke params, after one `dvc repro`."""
-    repo = tmp_path_factory.mktemp("deepzoo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and name != "dvc.lock" and not name.startswith("reports/"):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), yaml.safe_load(SMOKE.read_text()))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    repo.joinpath("first_repro.log").write_text(dvc(repo, "repro"))
-    return repo
-
-
-def test_first_repro_runs_every_stage(repo):
-    ran = stages_run(repo.joinpath("first_repro.log").read_text())
-    expected = {f"{stage}@{family}" for family in FAMILIES for stage in ("train", "evaluate")}
-    generators = yaml.safe_load((repo / "dvc.yaml").read_text())["vars"][2]["generators"]
-    expected |= {f"generate@{family}" for family in generators}
-    assert expected | {"prepare_images", "prepare_toy2d"} <= ran
-
-
-def test_metrics_files_hold_the_design_keys(repo):
+def test_metrics_files_hold_the_design_keys(baseline):
     keys = {"perceptron": {"test_accuracy_single", "test_accuracy_deep_linear", "test_accuracy_deep_relu"},
             "mlp": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
             "cnn": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
-            "rnn": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds"},
-            "lstm": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds"},
+            "rnn": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds",
+                    "reference_valid_tune_fraction"},
+            "lstm": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds",
+                     "reference_valid_tune_fraction"},
             "autoencoder": {"test_recon_mse", "test_recon_bce", "fid", "fid_real_floor"},
             "vae": {"test_neg_elbo", "test_nll_iw", "active_units", "fid", "fid_real_floor"},
             "betavae": {"test_neg_elbo", "test_nll_iw", "active_units", "fid", "fid_real_floor"},
             "gan": {"fid", "fid_real_floor"}}
-    for family in FAMILIES:
-        metrics = json.loads((repo / "reports/metrics" / f"{family}.json").read_text())
+    assert set(keys) == set(registry.FAMILIES)
+    for family in registry.FAMILIES:
+        metrics = json.loads((baseline / "reports/metrics" / f"{family}.json").read_text())
         assert keys[family] <= set(metrics), family
         assert all(isinstance(v, int | float) for v in metrics.values()), family
+    summary = pd.read_csv(baseline / "reports/summary.csv", index_col="family")
+    assert list(summary.index) == list(registry.FAMILIES) and summary["parameters"].gt(0).all()
+    assert (baseline / "reports/summary.md").read_text().count("\n") == 2 + len(registry.FAMILIES)
+    floors = {json.loads((baseline / f"reports/metrics/{f}.json").read_text())["fid_real_floor"] for f in FID_FAMILIES}
+    assert len(floors) == 1  # one reference for every FID
 
 
-def test_second_repro_runs_nothing(repo):
-    assert stages_run(dvc(repo, "repro")) == set()
+def test_second_repro_runs_nothing(workspace):
+    assert stages_run(dvc(workspace, "repro")) == set()
 
 
-def test_changing_a_cnn_param_reruns_only_what_depends_on_cnn(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["cnn"]["train"]["lr"] = 0.002
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = stages_run(dvc(repo, "repro"))
-    assert ran == {"train@cnn", "evaluate@cnn"} | {f"evaluate@{f}" for f in FID_FAMILIES}
+def test_a_cnn_experiment_reruns_only_the_cnn(workspace):
+    set_param(workspace, "cnn", "train", "lr", 0.002)
+    ran = stages_run(dvc(workspace, "repro"))
+    assert ran == {"train@cnn", "evaluate@cnn", "summarize"}  # FID has its own extractor
 
 
-def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_model(repo):
-    db = sqlite3.connect(repo / "mlflow.db")
+def test_a_new_feature_extractor_reruns_only_the_fid_evaluations(workspace):
+    set_param(workspace, "embeddings", "train", "lr", 0.002)
+    ran = stages_run(dvc(workspace, "repro"))
+    assert ran == {"embed_images", "summarize"} | {f"evaluate@{f}" for f in FID_FAMILIES}
+
+
+def test_editing_the_vae_code_makes_betavae_stale_too(workspace):
+    with (workspace / "src/deepzoo/families/vae.py").open("a") as f:
+        f.write("\n# an edit\n")
+    stale = set(json.loads(dvc(workspace, "status", "--json")))
+    assert {"train@vae", "train@betavae", "evaluate@betavae", "generate@betavae"} <= stale
+    assert not any(stage.endswith(("@gan", "@autoencoder", "@cnn")) for stage in stale)
+
+
+def test_rerunning_a_stage_gives_bit_identical_checkpoints_and_identical_metrics(workspace):
+    """On the CPU, for one family of each kind: classifier, sequence, generative; against the baseline's run."""
+    families = ("cnn", "lstm", "vae")
+
+    def outputs() -> dict[str, tuple[dict[str, bytes], dict[str, float]]]:
+        found = {}
+        for family in families:
+            metrics = json.loads((workspace / "reports/metrics" / f"{family}.json").read_text())
+            found[family] = ({p.name: p.read_bytes() for p in (workspace / "models" / family).glob("*.pt")},
+                             {k: v for k, v in metrics.items() if not k.endswith("_seconds")})
+        return found
+
+    before = outputs()
+    stages = [f"{stage}@{family}" for family in families for stage in ("train", "generate", "evaluate")
+              if stage != "generate" or registry.FAMILIES[family].generates]
+    dvc(workspace, "repro", "--force", "--single-item", *stages)
+    for family, (checkpoints, metrics) in outputs().items():
+        assert checkpoints and checkpoints == before[family][0], f"{family}: checkpoints differ between two runs"
+        assert metrics == before[family][1], f"{family}: metrics differ between two runs"
+
+
+def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_model(baseline):
+    db = sqlite3.connect(baseline / "mlflow.db")
     experiments = dict(db.execute("select experiment_id, name from experiments"))
-    assert {"toy2d", "fashion-mnist-classification", "folk-tunes", "fashion-mnist-generation"} <= set(experiments.values())
+    assert {"toy2d", "fashion-mnist-classification", "folk-tunes", "fashion-mnist-generation"} <= set(
+        experiments.values())
     runs = db.execute("select run_uuid, name, status from runs").fetchall()
-    families = {name for _, name, _ in runs}
-    assert set(FAMILIES) <= families
+    tags = {run: dict(db.execute("select key, value from tags where run_uuid = ?", (run,))) for run, *_ in runs}
+    stages = {tags[run]["dvc_stage"]: run for run, *_ in runs}
+    assert len(stages) == len(runs)  # one run per stage
+    ran = stages_run((baseline / "first_repro.log").read_text())
+    assert set(stages) == {s for s in ran if not s.startswith("prepare_")} - {"summarize"}  # they train nothing
     assert all(status == "FINISHED" for *_, status in runs)
-    (cnn_run,) = [run for run, name, _ in runs if name == "cnn"][-1:]
+    for stage, run in stages.items():  # evaluations and generations nest under the training they measure
+        if stage.startswith(("evaluate@", "generate@")):
+            assert tags[run]["mlflow.parentRunId"] == stages[f"train@{stage.partition('@')[2]}"], stage
+    cnn_run = stages["train@cnn"]
+    assert dict(db.execute("select name, status from runs where run_uuid = ?", (cnn_run,))) == {"cnn": "FINISHED"}
     params = dict(db.execute("select key, value from params where run_uuid = ?", (cnn_run,)))
-    assert params["train.lr"] == "0.002" and params["model.dense"] == "32"
+    smoke = smoke_params()["cnn"]
+    assert params["train.lr"] == str(smoke["train"]["lr"]) and params["model.dense"] == str(smoke["model"]["dense"])
     metric_steps = db.execute("select key, step from metrics where run_uuid = ?", (cnn_run,)).fetchall()
     assert {("train/loss", 1), ("train/loss", 2), ("val/accuracy", 2)} <= set(metric_steps)
-    assert any(key == "test/test_accuracy" for key, _ in metric_steps)
-    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (cnn_run,)))
-    assert {"family", "git_commit", "device", "torch_version", "dvc_stage"} <= set(tags)
+    keys = {key for key, _ in metric_steps}  # its first evaluation's, copied, under names without doubled prefixes
+    assert {"test/accuracy", "test/loss", "time/train_seconds", "per_class/accuracy_sandal"} <= keys
+    assert not any(key.startswith("test/test_") for key in keys)
+    assert {"family", "git_commit", "device", "torch_version", "dvc_stage"} <= set(tags[cnn_run])
 
     loader = ("import mlflow, sys, torch; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
               "m = mlflow.pytorch.load_model(f'runs:/{sys.argv[1]}/cnn', map_location='cpu');"
               "print(tuple(m(torch.rand(3, 1, 28, 28)).shape))")
-    done = subprocess.run([sys.executable, "-c", loader, cnn_run], cwd=repo, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", loader, cnn_run], cwd=baseline, capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.stdout.strip().endswith("(3, 10)"), done.stderr[-2000:]
 
@@ -130,36 +145,42 @@ def git_commit_all(repo: Path, message: str) -> None:
     subprocess.run(["git", "commit", "-qm", message, "--allow-empty"], cwd=repo, check=True, env=env)
 
 
-def test_dvc_remote_restores_models_and_data_on_a_fresh_clone(repo, tmp_path):
-    dvc(repo, "remote", "add", "-d", "team", str(tmp_path / "remote"))
-    git_commit_all(repo, "pipeline at smoke scale, with a remote")
-    dvc(repo, "push")
+def test_dvc_remote_restores_models_and_data_on_a_fresh_clone(workspace, tmp_path):
+    dvc(workspace, "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    git_commit_all(workspace, "pipeline at smoke scale, with a remote")
+    dvc(workspace, "push")
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", str(workspace), str(clone)], check=True)
     assert not (clone / "models").exists()
     dvc(clone, "pull")
     assert (clone / "models/cnn/cnn.pt").is_file() and (clone / "data/processed/fashion_mnist/train.pt").is_file()
     assert stages_run(dvc(clone, "repro")) == set()  # everything restored: nothing to rerun
 
 
-def test_queued_experiments_run_in_parallel_each_with_its_own_mlflow_run(repo):
-    git_commit_all(repo, "baseline for experiments")
+def test_queued_experiments_run_in_parallel_each_with_its_own_mlflow_run(workspace):
+    git_commit_all(workspace, "baseline for experiments")
     for lr in ("0.003", "0.004"):
-        dvc(repo, "exp", "run", "--queue", "-S", f"cnn.train.lr={lr}")
-    dvc(repo, "queue", "start", "-j", "2")
+        dvc(workspace, "exp", "run", "--queue", "-S", f"cnn.train.lr={lr}")
+    dvc(workspace, "queue", "start", "-j", "2")
     try:
         for _ in range(240):  # bounded wait: at most 20 minutes
-            status = dvc(repo, "queue", "status")
+            status = dvc(workspace, "queue", "status")
             if not re.search(r"\b(Queued|Running)\b", status):
                 break
             time.sleep(5)
         assert "Failed" not in status, status
     finally:
-        dvc(repo, "queue", "stop")
-    table = dvc(repo, "exp", "show", "--csv")
+        dvc(workspace, "queue", "stop")
+    table = dvc(workspace, "exp", "show", "--csv")
     assert re.search(r"0\.003", table) and re.search(r"0\.004", table)
     header = table.splitlines()[0]
     assert "test_accuracy" in header
-    lrs = {row[0] for row in sqlite3.connect(repo / "mlflow.db").execute(
-        "select p.value from params p join runs r on p.run_uuid = r.run_uuid where r.name = 'cnn' and p.key = 'train.lr'")}
-    assert {"0.003", "0.004"} <= lrs  # each experiment logged to the repository's store, not its temp copy
+    db = sqlite3.connect(workspace / "mlflow.db")
+    experiments = dict(db.execute(  # run name → the experiment's learning rate, for the cnn's training runs
+        "select r.name, p.value from params p join runs r on p.run_uuid = r.run_uuid "
+        "where r.name like 'cnn · %' and p.key = 'train.lr'"))
+    assert sorted(experiments.values()) == ["0.003", "0.004"]  # logged to the repository's store, not a temp copy
+    for name in experiments:  # names that tell the runs apart, and tags that name their experiments
+        (run,) = db.execute("select run_uuid from runs where name = ?", (name,)).fetchone()
+        tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run,)))
+        assert name == f"cnn · {tags['dvc_exp_name']}" and tags["dvc_exp_baseline_rev"] != "unknown"

@@ -1,10 +1,12 @@
 """The sequence families: the recurrent cell, truncated BPTT windows, clipping, exact evaluation, sampling,
 and the validity and novelty measures of generated tunes."""
 
+import json
 import shutil
 
 import pytest
 import torch
+from configs import shipped
 from torch import nn
 
 from deepzoo.config import TrainConfig
@@ -20,8 +22,13 @@ GOOD = "X:1\nT:Good\nM:C|\nL:1/8\nK:D Major\ndAFA DFAd|fdcd FAdf|gfge fefd|(3efe
 needs_abc2midi = pytest.mark.skipif(shutil.which("abc2midi") is None, reason="abc2midi (Debian abcmidi) not installed")
 
 
+def tiny_config(core: str = "rnn", hidden: int = 16) -> sequence.ModelConfig:
+    """The shipped smoke-scale model section (embedding_dim 8) with `hidden` units."""
+    return shipped(core, {"rnn": rnn.Config, "lstm": lstm.Config}[core], model={"hidden_size": hidden}).model
+
+
 def tiny_model(vocab_size: int, core: str = "rnn", hidden: int = 16) -> sequence.CharModel:
-    cfg = sequence.ModelConfig(embedding_dim=8, hidden_size=hidden)
+    cfg = tiny_config(core, hidden)
     cores = {"rnn": lambda: Recurrent(8, hidden), "lstm": lambda: nn.LSTM(8, hidden, batch_first=True)}
     return sequence.CharModel(cores[core](), cfg, vocab_size)
 
@@ -64,7 +71,7 @@ def test_windows_overlap_by_one_so_every_id_is_a_target_once():
 
 
 def test_loss_is_cross_entropy_in_nats_with_bits_per_char_alongside():
-    model = tiny_model(10)
+    model = tiny_model(10).eval()  # no dropout: the two forward passes below must agree
     batch = model.prepare((torch.randint(0, 10, (3, 9)),))
     assert batch[0].shape == batch[1].shape == (3, 8)
     nats, metrics = model.loss(batch)
@@ -76,14 +83,13 @@ def test_loss_is_cross_entropy_in_nats_with_bits_per_char_alongside():
 def test_clipping_bounds_the_gradient_norm_of_each_step():
     """An RNN whose W_hh grows the state explodes its gradients; clipping caps every update."""
     torch.manual_seed(0)
-    model = sequence.CharModel(Recurrent(8, 16, "relu", identity_init=True), sequence.ModelConfig(
-        embedding_dim=8, hidden_size=16), 12)
+    model = sequence.CharModel(Recurrent(8, 16, "relu", identity_init=True), tiny_config(), 12)
     with torch.no_grad():
         model.core.cell.W_hh.mul_(1.3)  # the state grows 1.3× per step: gradients through 40 steps explode
     before = [p.detach().clone() for p in model.parameters()]
     # Plain SGD with lr 1: the update equals the (clipped) gradient.
     cfg = TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=1.0, momentum=0.0, clip_grad_norm=0.5,
-                      max_batches=1)
+                      max_batches=1, schedule="none", patience=None)
     result = fit(model, (torch.randint(0, 12, (4, 41)),), None, cfg, CPU, torch.Generator().manual_seed(0))
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)])
     assert result.history[0]["train/grad_norm_max"] > 100  # the norm before clipping, as recorded
@@ -110,7 +116,7 @@ def test_sampling_is_deterministic_for_a_seed():
     torch.manual_seed(0)
     vocab = tunes.Vocabulary.of([GOOD])
     model = tiny_model(len(vocab))
-    cfg = sequence.GenerateConfig(temperature=1.0, max_length=80)
+    cfg = shipped("rnn", rnn.Config, generate={"temperature": 1.0, "max_length": 80}).generate
     draw = lambda seed: sequence.sample(model, vocab, "X:1\n", cfg, torch.Generator().manual_seed(seed))  # noqa: E731
     text, _ = draw(3)
     assert text.startswith("X:1\n") and len(text) <= 80
@@ -119,32 +125,36 @@ def test_sampling_is_deterministic_for_a_seed():
 
 
 @needs_abc2midi
-def test_generate_stage_is_reproducible_and_writes_tunes_and_midi(tmp_path, monkeypatch):
+def test_generate_then_evaluate_is_reproducible_and_measures_the_generated_tunes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     raw = tmp_path / "raw.abc"
     raw.write_text("\n\n".join(GOOD.replace("X:1", f"X:{i}") for i in range(1, 5)))
-    tunes.prepare(tunes.Params(val_fraction=0.25), seed=0, raw=raw)
-    cfg = rnn.Config.model_validate({"model": {"embedding_dim": 8, "hidden_size": 16},
-                                     "train": {"seq_length": 20}, "generate": {"count": 3, "max_length": 120}})
+    tunes.prepare(shipped("tunes", tunes.Params, val_fraction=0.25, limit=None), seed=0, raw=raw)
+    cfg = shipped("rnn", rnn.Config, train={"seq_length": 20}, generate={"count": 3, "max_length": 120})
     torch.manual_seed(0)
     variants = rnn.variants(cfg)
     runs = []
     for run in ("first", "second"):
-        out = tmp_path / run
-        out.mkdir()
-        metrics = rnn.generate(Context(variants, cfg, CPU, out, seed=0))
-        runs.append((metrics, {p.name: p.read_bytes() for p in out.iterdir()}))
+        ctx = Context(variants, cfg, CPU, tmp_path / run / "samples", seed=0, samples=tmp_path / run / "samples")
+        ctx.out.mkdir(parents=True)
+        rnn.generate(ctx)
+        ctx.out = tmp_path / run / "evaluation"
+        ctx.out.mkdir()
+        metrics = rnn.evaluate(ctx)
+        runs.append((metrics, {p.name: p.read_bytes() for folder in (ctx.samples, ctx.out) for p in folder.iterdir()}))
     assert runs[0] == runs[1]  # the same metrics and byte-identical tunes.abc, tunes.csv and MIDI files
     metrics, files = runs[0]
     assert files["tunes.abc"].decode().count("X:") == 3 and files["tunes.csv"].decode().count("\n") == 4
     assert {"valid_tune_fraction", "novel_tune_fraction", "abc2midi_warning_fraction"} <= set(metrics)
-    assert metrics["reference_valid_tune_fraction"] == 1.0  # the held-out copy of GOOD is valid
+    assert metrics["reference_valid_tune_fraction"] == 1.0  # the held-out copy of GOOD is valid, measured once
+    reference = json.loads((tmp_path / "data/processed/tunes/reference.json").read_text())
+    assert reference["reference_valid_tune_fraction"] == 1.0
 
 
 def test_family_configs_extend_the_shared_one_with_the_four_stage_sections():
-    rnn_cfg = rnn.Config.model_validate({"model": {"activation": "relu", "identity_init": True}})
-    lstm_cfg = lstm.Config.model_validate({"model": {"layers": 2, "dropout": 0.1}})
-    assert rnn_cfg.model.activation == "relu" and lstm_cfg.model.layers == 2
+    rnn_cfg = shipped("rnn", rnn.Config, model={"activation": "relu", "identity_init": True})
+    lstm_cfg = shipped("lstm", lstm.Config, model={"layers": 3, "dropout": 0.1})
+    assert rnn_cfg.model.activation == "relu" and lstm_cfg.model.layers == 3
     assert set(rnn.Config.model_fields) == set(lstm.Config.model_fields) == {"model", "train", "evaluate", "generate"}
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from configs import merge, smoke_params
 
-TINY = {"common": {"seed": 0}, "toy2d": {"n_samples": 100},
-        "perceptron": {"model": {"hidden": [4], "activations": ["relu"]}, "train": {"epochs": 2}, "evaluate": {"grid": 10}}}
+TINY = merge(smoke_params(), {"common": {"seed": 0}, "toy2d": {"n_samples": 100},
+                              "perceptron": {"model": {"activations": ["relu"]}, "evaluate": {"grid": 10}}})
 
 
 def free_port() -> int:
@@ -69,6 +70,7 @@ def tracking_server(tmp_path: Path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_training_stage_logs_to_a_tracking_server(workdir, tracking_server):
     done = deepzoo(workdir, "train", "perceptron", uri=tracking_server)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -42,14 +42,14 @@ def train(cfg, train_data=None, val_data=None, seed=0, model=None):
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adam", 0.05), ("adamw", 0.05), ("adadelta", 20.0),
                                            ("adagrad", 0.3), ("rmsprop", 0.01)])
 def test_every_optimizer_by_name_learns(optimizer, lr):
-    cfg = TrainConfig(epochs=15, batch_size=32, optimizer=optimizer, lr=lr, patience=None)
+    cfg = TrainConfig(epochs=15, batch_size=32, optimizer=optimizer, lr=lr, patience=None, schedule="none")
     _, result = train(cfg, val_data=regression_data(64, seed=1))
     first, last = result.history[0]["val/loss"], result.history[-1]["val/loss"]
     assert last < 0.2 * first, (optimizer, first, last)
 
 
 def test_same_seed_gives_identical_weights_and_different_seed_does_not():
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, patience=None)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, patience=None, optimizer="adam", schedule="none")
     a, _ = train(cfg, seed=0)
     b, _ = train(cfg, seed=0)
     c, _ = train(cfg, seed=1)
@@ -62,7 +62,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     # makes validation loss worse, so training must stop `patience` epochs after the best epoch.
     x_val, _ = regression_data(64, seed=1)
     val = (x_val, -(x_val @ torch.tensor([1.0, -2.0, 0.5])))
-    cfg = TrainConfig(epochs=50, batch_size=32, optimizer="sgd", lr=0.01, patience=2)
+    cfg = TrainConfig(epochs=50, batch_size=32, optimizer="sgd", lr=0.01, patience=2, schedule="none")
     model, result = train(cfg, val_data=val)
     assert result.epochs_run == result.best_epoch + 2 < 50
     best = min(row["val/loss"] for row in result.history)
@@ -80,13 +80,47 @@ def test_plateau_schedule_lowers_the_learning_rate():
 
 
 def test_diverging_loss_raises_a_clear_error():
-    cfg = TrainConfig(epochs=5, batch_size=32, optimizer="sgd", lr=10.0, momentum=0.0, patience=None)
-    with pytest.raises(TrainingDiverged, match=r"loss became NaN or infinite by epoch \d, batch \d+.*Lower the learning rate \(train.lr = 10, try 1\)"):
-        train(cfg, regression_data(noise=1.0))
+    cfg = TrainConfig(epochs=5, batch_size=32, optimizer="sgd", lr=10.0, momentum=0.0, patience=None, schedule="none")
+    with pytest.raises(TrainingDiverged, match=r"loss became NaN or infinite by epoch \d, batch \d+.*"
+                                               r"Lower the learning rate \(train.lr = 10, try 1\)"):
+        train(cfg, regression_data(n=2048, noise=1.0))  # 64 batches: the loss overflows within epoch 1
+
+
+def test_a_loss_that_grows_a_hundredfold_fails_like_a_nan_even_while_finite():
+    """SGD with lr · E[x²] > 1 on a quadratic loss multiplies the error each step: finite, but diverging."""
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=1.5, momentum=0.0, patience=None, schedule="none")
+    with pytest.raises(TrainingDiverged, match=r"loss grew from [\d.]+ \(first batch\) to [\d.e+]+ \(epoch 1 mean\): "
+                                               r"training diverged\. Lower the learning rate \(train.lr = 1.5"):
+        train(cfg)
+    _, result = train(cfg.model_copy(update={"lr": 0.05}))  # a sane step size trains as before
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+
+
+class Guesser(Trainable):
+    """A classifier that cannot use its input: the best it can do is the class prior, i.e. chance."""
+
+    chance_accuracy = 0.25
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(4))
+
+    def loss(self, batch):
+        _, labels = batch
+        logits = self.logits.expand(len(labels), 4)
+        return F.cross_entropy(logits, labels), {"accuracy": (logits.argmax(-1) == labels).float().mean()}
+
+
+def test_a_classifier_that_ends_at_chance_accuracy_fails():
+    data = (torch.zeros(400, 1), torch.arange(400) % 4)  # balanced: guessing scores 0.25
+    cfg = TrainConfig(epochs=2, batch_size=50, optimizer="sgd", lr=0.1, patience=None, schedule="none")
+    with pytest.raises(TrainingDiverged, match=r"validation accuracy never beat chance \(0.2500, chance 0.25\) in 2"):
+        train(cfg, data, data, model=Guesser())
 
 
 def test_gradient_clipping_bounds_the_norm_and_is_recorded(monkeypatch):
-    cfg = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=1e-3, clip_grad_norm=0.5, patience=None)
+    cfg = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=1e-3, clip_grad_norm=0.5, patience=None,
+                      schedule="none")
     model = Regression()
     with torch.no_grad():
         model.linear.weight.fill_(50.0)  # huge gradients
@@ -130,7 +164,7 @@ class TwoPlayers(Trainable):
 def test_multi_optimizer_steps_run_in_order_through_the_one_loop():
     model = TwoPlayers()
     before_a, before_b = model.a.weight.item(), model.b.weight.item()
-    cfg = TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.1, patience=None)
+    cfg = TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.1, patience=None, schedule="none")
     _, result = train(cfg, train_data=(torch.randn(8, 1),), model=model)
     assert model.seen[0] != before_a  # "b" was computed after "a" stepped
     assert model.b.weight.item() != before_b

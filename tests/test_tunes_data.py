@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from configs import shipped
 
 from deepzoo.data import tunes
 
@@ -16,7 +17,7 @@ def prepare(tmp_path, text: str | bytes, **params):
     raw = tmp_path / "tunes.abc"
     raw.write_bytes(text if isinstance(text, bytes) else text.encode())
     output = tmp_path / "processed"
-    counts = tunes.prepare(tunes.Params(**params), seed=0, raw=raw, output=output)
+    counts = tunes.prepare(shipped("tunes", tunes.Params, limit=None, **params), seed=0, raw=raw, output=output)
     return counts, output
 
 

@@ -1,10 +1,16 @@
-"""`deepzoo prepare DATASET` and `deepzoo train|evaluate|generate FAMILY`: the commands DVC stages run."""
+"""`deepzoo prepare DATASET` and `deepzoo train|evaluate|generate FAMILY`: the commands DVC stages run.
+
+It imports the modules of a command by name, through the registry, so that each stage's code is exactly what
+the registry says it runs (`deepzoo.wiring` derives the stages' `deps` from that).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
+import os
 import resource
 import signal
 import sys
@@ -13,16 +19,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deepzoo import config
+from deepzoo import DeepzooError, config, registry
 
-DATASETS = ("fashion_mnist", "tunes", "toy2d")
 RESOURCE_LOG = Path(".deepzoo/stages.jsonl")
 
 
 def prepare(dataset: str) -> None:
-    module = importlib.import_module(f"deepzoo.data.{dataset}")
+    module = registry.dataset_module(dataset)
     params = config.load_section(dataset, module.Params)
-    seed = config.load_section("common", config.Common).seed
+    seed = params.seed if registry.DATASETS[dataset].own_seed else config.load_section("common", config.Common).seed
     counts = module.prepare(params, seed)
     print(f"prepared {dataset}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
@@ -43,29 +48,54 @@ def record_resources(stage: str) -> Iterator[None]:
         log.write(json.dumps(record) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from deepzoo.engine import stages
-    from deepzoo.engine.tracking import TrackingError
-    from deepzoo.engine.trainer import TrainingDiverged
+def run_family_stage(command: str, family: str, **options: bool) -> None:
+    """Import the orchestrator only here: `prepare` stages then need none of the training engine."""
+    stages = importlib.import_module(registry.entry_modules(command, family)[0])
+    getattr(stages, command)(family, **options)
 
+
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent (`dvc repro`) dies: a killed `dvc repro` must not
+    leave a training behind that later writes outputs DVC no longer expects."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - the name in <sys/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepzoo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("prepare", help="raw data -> data/processed/DATASET").add_argument("target", choices=DATASETS)
-    for command in ("train", "evaluate", "generate"):
-        commands.add_parser(command, help=f"{command} a family").add_argument("target", choices=stages.FAMILIES)
+    commands.add_parser("prepare", help="raw data -> data/processed/DATASET").add_argument(
+        "target", choices=registry.DATASETS)
+    for command in registry.FAMILY_COMMANDS:
+        commands.add_parser(command, help=f"{command} a family").add_argument("target", choices=registry.FAMILIES)
+    commands.choices["train"].add_argument("--restart", action="store_true",
+                                           help="start afresh instead of resuming a training that was killed")
     args = parser.parse_args(argv)
     # On SIGTERM (a stopped `dvc repro`, a timeout) unwind normally: temporary outputs are removed
     # and the MLflow run is closed as FAILED instead of left RUNNING.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    die_with_parent()
+    where = f"deepzoo {args.command} {args.target}"
     try:
         with record_resources(f"{args.command} {args.target}"):
             if args.command == "prepare":
                 prepare(args.target)
             else:
-                getattr(stages, args.command)(args.target)
-    # Expected failures (bad params or data, unreachable tracking, divergence) get one clear line;
-    # anything else is a bug and keeps its traceback.
-    except (ValueError, FileNotFoundError, TrackingError, TrainingDiverged) as err:
-        print(f"deepzoo {args.command} {args.target}: error: {err}", file=sys.stderr)
+                options = {"restart": args.restart} if args.command == "train" else {}
+                run_family_stage(args.command, args.target, **options)
+    # Expected failures (bad params or data, unreachable tracking, divergence) get one clear line, their
+    # traceback only with DEEPZOO_DEBUG=1; anything else is a bug and keeps its traceback.
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted (Ctrl-C); outputs were left as they were", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, FileNotFoundError, DeepzooError) as err:
+        if os.environ.get("DEEPZOO_DEBUG") == "1":
+            raise
+        print(f"{where}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PARAMS_FILE = Path("params.yaml")
+Width = Annotated[int, Field(ge=1)]  # a layer's size: units, channels or feature maps, at least one
 
 
 class ConfigError(ValueError):
@@ -27,18 +28,22 @@ class Section(BaseModel):
 
 
 class TrainConfig(Section):
-    """What the shared trainer needs; every family's `train:` section is (or extends) this."""
+    """What the shared trainer needs; every family's `train:` section is (or extends) this.
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adam", "adamw", "adadelta", "adagrad", "rmsprop"] = "adam"
-    lr: float = Field(1e-3, gt=0)
+    A recipe's choices have no default here: their values come from params.yaml only. The knobs with a
+    default are off, or PyTorch's own default, unless a section sets them.
+    """
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    optimizer: Literal["sgd", "adam", "adamw", "adadelta", "adagrad", "rmsprop"]
+    lr: float = Field(gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD and RMSprop only
     betas: tuple[float, float] = (0.9, 0.999)  # Adam and AdamW only
     weight_decay: float = Field(0.0, ge=0)
     # "plateau" divides the learning rate by 10 when validation loss stalls; "cosine" anneals to 0.
-    schedule: Literal["none", "plateau", "cosine"] = "none"
-    patience: int | None = Field(3, ge=1)  # early-stopping patience in epochs; null disables it
+    schedule: Literal["none", "plateau", "cosine"]
+    patience: int | None = Field(ge=1)  # early-stopping patience in epochs; null disables it
     min_delta: float = Field(0.0, ge=0)
     clip_grad_norm: float | None = Field(None, gt=0)
     max_batches: int | None = Field(None, ge=1)  # per epoch; caps smoke and benchmark runs
@@ -50,7 +55,7 @@ class TrainConfig(Section):
 class Common(Section):
     """The shared section: what every stage reads."""
 
-    seed: int = 42
+    seed: int
 
 
 S = TypeVar("S", bound=BaseModel)

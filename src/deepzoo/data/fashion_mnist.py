@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
-
 from pydantic import Field
 
 from deepzoo.config import Section
@@ -42,7 +40,7 @@ class DataError(ValueError):
 
 
 class Params(Section):
-    val_size: int = Field(5000, ge=1)  # images split off the training set, stratified by class
+    val_size: int = Field(ge=1)  # images split off the training set, stratified by class
     limit: int | None = Field(None, ge=100)  # keep only this many training images (smoke runs)
 
 
@@ -82,8 +80,13 @@ def locate(name: str, search: tuple[Path, ...] = SEARCH_PATHS, download_to: Path
             return folder / name
     if download_to is None:
         raise DataError(f"{name} not found in {', '.join(map(str, search))}")
-    with atomic_path(download_to / name) as tmp, urllib.request.urlopen(URL + name, timeout=60) as response:
-        tmp.write_bytes(response.read())
+    try:
+        with atomic_path(download_to / name) as tmp, urllib.request.urlopen(URL + name, timeout=60) as response:
+            tmp.write_bytes(response.read())
+    except OSError as err:  # URLError, timeouts and refused connections are all OSErrors
+        raise DataError(f"{name} is in none of {', '.join(map(str, search))} and its download from {URL} failed "
+                        f"({getattr(err, 'reason', err)}): install Debian's dataset-fashion-mnist or copy the four "
+                        f"IDX .gz files into {search[0]}") from None
     return download_to / name
 
 
@@ -100,7 +103,14 @@ def load_raw(search: tuple[Path, ...] = SEARCH_PATHS, download: bool = True) -> 
 
 
 def split(arrays: dict[str, np.ndarray], params: Params, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    from sklearn.model_selection import train_test_split  # here: every stage that only loads the data saves 3 s
+
     images, labels = arrays["train-images"], arrays["train-labels"]
+    kept = min(params.limit or len(labels), len(labels))
+    classes = len(np.unique(labels))
+    if not classes <= params.val_size <= kept - classes:  # a stratified split needs each class on both sides
+        raise DataError(f"fashion_mnist.val_size = {params.val_size} does not fit the {kept} training images kept "
+                        f"(fashion_mnist.limit = {params.limit}): choose a val_size from {classes} to {kept - classes}")
     if params.limit is not None and params.limit < len(labels):
         images, _, labels, _ = train_test_split(images, labels, train_size=params.limit,
                                                 stratify=labels, random_state=seed)
@@ -129,6 +139,11 @@ def load(split_name: str, root: Path = OUTPUT) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{path} not found: run `dvc repro prepare_images` first")
     return torch.load(path)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Stored bytes [N, 28, 28] in [0, 255] → floats [N, 1, 28, 28] in [0, 1] (per batch, on its device)."""
+    return images.unsqueeze(1).float().div_(255)
 
 
 def splits(root: Path = OUTPUT) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.datasets import make_blobs, make_moons
-from sklearn.model_selection import train_test_split
 
 from deepzoo.config import Section
 from deepzoo.storage import atomic_path
@@ -20,13 +18,15 @@ OUTPUT = Path("data/processed/toy2d")
 
 
 class Params(Section):
-    n_samples: int = Field(2000, ge=20)
-    noise: float = Field(0.2, ge=0)  # std of the moons' Gaussian noise
+    n_samples: int = Field(ge=20)
+    noise: float = Field(ge=0)  # std of the moons' Gaussian noise
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
 
 
 def generate(params: Params, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import make_blobs, make_moons  # here: the stages that only load the data skip sklearn
+
     return {
         "separable": make_blobs(params.n_samples, centers=[(-1.5, -1.5), (1.5, 1.5)], cluster_std=0.8,
                                 random_state=seed),
@@ -35,6 +35,8 @@ def generate(params: Params, seed: int) -> dict[str, tuple[np.ndarray, np.ndarra
 
 
 def split(points: np.ndarray, labels: np.ndarray, params: Params, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    from sklearn.model_selection import train_test_split
+
     rest_x, test_x, rest_y, test_y = train_test_split(points, labels, test_size=params.test_fraction,
                                                       stratify=labels, random_state=seed)
     val_share = params.val_fraction / (1 - params.test_fraction)

@@ -4,6 +4,7 @@ Output `data/processed/tunes/`:
     vocab.json                       id → token: ids 0 and 1 are the start/end-of-tune tokens, then characters
     train.pt, val.pt                 int64 [T]: the split's tunes one after another, each <start> chars <end>
     train_tunes.abc, val_tunes.abc   the split's tunes as text, blank-line separated (for the novelty measure)
+    reference.json                   what the validity and novelty measures score on the held-out human tunes
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from deepzoo.storage import atomic_path
 
 RAW = Path("data/raw/irish-folk-tunes/irish.abc")
 OUTPUT = Path("data/processed/tunes")
+REFERENCE = "reference.json"
 REQUIRED_HEADERS = ("X", "M", "L", "K")  # reference number, meter, unit note length, key (last header)
 START, END = "<tune>", "</tune>"
 HEADER_LINE = re.compile(r"([A-Za-z]):(.*)")
@@ -35,7 +37,7 @@ class TuneDataError(ValueError):
 
 
 class Params(Section):
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)  # share of the tunes held out (whole tunes, never parts)
+    val_fraction: float = Field(gt=0, lt=0.5)  # share of the tunes held out (whole tunes, never parts)
     limit: int | None = Field(None, ge=2)  # keep only the first N complete tunes (smoke runs)
 
 
@@ -156,6 +158,8 @@ class Vocabulary:
 
 
 def prepare(params: Params, seed: int, raw: Path = RAW, output: Path = OUTPUT) -> dict[str, int]:
+    from deepzoo.metrics import tunes as tune_metrics  # it parses tunes with this module: import it when used
+
     tunes, dropped = complete_tunes(raw)
     tunes = tunes[: params.limit]
     if len(tunes) < 2:
@@ -170,6 +174,7 @@ def prepare(params: Params, seed: int, raw: Path = RAW, output: Path = OUTPUT) -
         for name, split in (("train", train), ("val", val)):
             torch.save(vocab.encode_tunes(split), tmp / f"{name}.pt")
             (tmp / f"{name}_tunes.abc").write_text("\n\n".join(split) + "\n")
+        (tmp / REFERENCE).write_text(json.dumps(tune_metrics.reference(val, train), indent=1) + "\n")
     return {"kept": len(tunes), "dropped": dropped, "train_tunes": len(train), "val_tunes": len(val),
             "vocab": len(vocab), "train_chars": sum(map(len, train)), "val_chars": sum(map(len, val))}
 
@@ -191,3 +196,7 @@ def load_vocab(root: Path = OUTPUT) -> Vocabulary:
 
 def load_tunes(split: str, root: Path = OUTPUT) -> list[str]:
     return split_tunes(_processed(f"{split}_tunes.abc", root).read_text())
+
+
+def load_reference(root: Path = OUTPUT) -> dict[str, float]:
+    return json.loads(_processed(REFERENCE, root).read_text())

@@ -1,15 +1,19 @@
 """The DVC stages `train@F`, `evaluate@F` and `generate@F`: orchestration only, the same for every family.
 
-A family module supplies `EXPERIMENT`, `Config` (its params section) and `variants(cfg)` (its model or
-models with their data); `evaluate(...)` and, for families that generate, `generate(...)`.
+A family module (see `deepzoo.registry`) supplies `EXPERIMENT`, `Config` (its params section) and
+`variants(cfg)` (its model or models with their data); `evaluate(ctx)` and, for families that generate,
+`generate(ctx)`. Metrics flow one way: `generate` writes artefacts (figures, tunes), never metrics;
+`evaluate` writes the family's metrics file, measuring its generated artefacts where the family says so.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
+import dataclasses
+import hashlib
 import json
 import os
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +22,20 @@ from typing import Any
 
 import torch
 
-from deepzoo import config
+import deepzoo
+from deepzoo import DeepzooError, config, registry
 from deepzoo.engine import distributed, tracking
 from deepzoo.engine.device import configure_threads, resolve, seed_everything
 from deepzoo.engine.trainer import Batch, FitResult, Trainable, fit
 from deepzoo.storage import atomic_path, save_torch, write_json
 
-FAMILIES = ("perceptron", "mlp", "cnn", "rnn", "lstm", "autoencoder", "vae", "betavae", "gan")
 MODELS, METRICS, PLOTS, SAMPLES = Path("models"), Path("reports/metrics"), Path("reports/plots"), Path("reports/samples")
 RUN_FILE = "training.json"
+RESUME = Path(".deepzoo/resume")
+
+
+class CheckpointError(DeepzooError):
+    """A trained model's checkpoint is missing or unreadable; the message says how to restore it."""
 
 
 @dataclass
@@ -39,30 +48,28 @@ class Variant:
 
 @dataclass
 class Context:
-    """What a family's evaluate/generate step gets: its trained variants, config, device and output folder."""
+    """What a family's evaluate/generate step gets: its trained variants, config, device, output folder,
+    and the folder its generate stage writes (which its evaluation may measure)."""
 
     variants: dict[str, Variant]
     cfg: Any
     device: torch.device
     out: Path
     seed: int
-
-
-def family_module(name: str) -> ModuleType:
-    if name not in FAMILIES:
-        raise config.ConfigError(f"unknown family '{name}'; choose one of {', '.join(FAMILIES)}")
-    return importlib.import_module(f"deepzoo.families.{name}")
+    samples: Path
 
 
 def _setup(name: str) -> tuple[ModuleType, Any, int, torch.device]:
-    family = family_module(name)
+    family = registry.family_module(name)
     cfg = config.load_section(name, family.Config)
     seed = config.load_section("common", config.Common).seed
     configure_threads()
     return family, cfg, seed, resolve()
 
 
-def train(name: str) -> None:
+def train(name: str, restart: bool = False) -> None:
+    """Train the family's variants; after a kill, a rerun with the same params, data and code resumes after the
+    last complete epoch, into the same MLflow run (`restart` starts afresh instead)."""
     family, cfg, seed, device = _setup(name)
     if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
         if distributed.relaunch(cfg.train.processes, ["train", name]) != 0:
@@ -71,25 +78,113 @@ def train(name: str) -> None:
     distributed.init(device)
     device = distributed.local_device(device)
     try:
+        generator = seed_everything(seed)
+        variants = family.variants(cfg)  # loads the data: missing data fails here, before any MLflow run exists
+        # Resume points are single-process: torchrun ranks would each need their own.
+        point = ResumePoint.load(name, fingerprint(name, cfg, seed), restart) if distributed.world_size() == 1 \
+            else ResumePoint(name, "", enabled=False)
         # Only rank 0 tracks and writes; the other ranks just train their shards.
-        with tracking.run(family.EXPERIMENT, name, "train", str(device)) if distributed.is_main() \
-                else nullcontext() as tracker:
-            if tracker is not None:
+        with tracking.run(family.EXPERIMENT, name, "train", str(device), reopen_run_id=point.run_id) \
+                if distributed.is_main() else nullcontext() as tracker:
+            if tracker is not None and point.run_id is None:
                 tracker.log_params(cfg.model_dump())
-            generator = seed_everything(seed)
-            variants = family.variants(cfg)
+            point.run_id = tracker.run_id if tracker is not None else None
             results = {}
             for variant_name, variant in variants.items():
-                distributed.print_once(f"training {name}/{variant_name} on {device} x {distributed.world_size()}")
                 prefix = f"{variant_name}/" if len(variants) > 1 else ""
                 log = (lambda epoch, row, p=prefix: tracker.log_metrics({p + k: v for k, v in row.items()}, epoch)
                        ) if tracker is not None else (lambda *_: None)
+                if variant_name in point.finished:
+                    results[variant_name] = point.restore(variant_name, variant.model, generator)
+                    continue
+                resume = point.state_of(variant_name)
+                if resume is not None and tracker is not None:
+                    _log_missing_epochs(tracker, prefix, resume["history"])
+                distributed.print_once(f"training {name}/{variant_name} on {device} x {distributed.world_size()}")
                 results[variant_name] = fit(variant.model, variant.data["train"], variant.data.get("val"),
-                                            cfg.train, device, generator, log, cfg.train.mixed_precision)
+                                            cfg.train, device, generator, log, cfg.train.mixed_precision, resume,
+                                            (lambda state, v=variant_name: point.save(v, state)) if point.enabled
+                                            else None)
+                point.finish(variant_name, variant.model, results[variant_name], generator)
             if tracker is not None:
                 _save_training(name, family, cfg, variants, results, tracker)
+        point.clear()
     finally:
         distributed.shutdown()
+
+
+def fingerprint(name: str, cfg: Any, seed: int) -> str:
+    """What a training's result depends on: its params, seed and data files, and deepzoo's code (all of it:
+    a resume point is worth less than the certainty that no code changed under it)."""
+    digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
+    data = Path("data/processed") / registry.FAMILIES[name].data
+    for path in [*sorted(Path(deepzoo.__file__).parent.rglob("*.py")), *sorted(data.rglob("*"))]:
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+class ResumePoint:
+    """A training's state after its last complete epoch, in `.deepzoo/resume/<family>.pt`: outside DVC's outputs,
+    written atomically after every epoch, removed when the stage completes. It resumes only the same training
+    (same fingerprint: params, data and code); anything else starts afresh."""
+
+    def __init__(self, name: str, fingerprint: str, enabled: bool = True) -> None:
+        self.path, self.fingerprint, self.enabled = RESUME / f"{name}.pt", fingerprint, enabled
+        self.run_id: str | None = None
+        self.finished: dict[str, dict[str, Any]] = {}  # variant → its trained weights and FitResult
+        self.current: dict[str, Any] | None = None  # {"variant", "state"}: the variant in training
+
+    @classmethod
+    def load(cls, name: str, fingerprint: str, restart: bool) -> ResumePoint:
+        """The resume point of the same training, if one was left; else (or with `restart`) an empty one."""
+        point = cls(name, fingerprint)
+        if restart or not point.path.is_file():
+            return point
+        try:
+            saved = torch.load(point.path, map_location="cpu")
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            print(f"{point.path} is unreadable: training {name} from the start")
+            return point
+        if saved["fingerprint"] != fingerprint:
+            print(f"{point.path} is of other params, data or code: training {name} from the start")
+            return point
+        point.run_id, point.finished, point.current = saved["run_id"], saved["finished"], saved["current"]
+        return point
+
+    def state_of(self, variant: str) -> dict[str, Any] | None:
+        return self.current["state"] if self.current and self.current["variant"] == variant else None
+
+    def save(self, variant: str, state: dict[str, Any]) -> None:
+        self.current = {"variant": variant, "state": state}
+        save_torch(self.path, {"fingerprint": self.fingerprint, "run_id": self.run_id, "finished": self.finished,
+                               "current": self.current})
+
+    def finish(self, variant: str, model: Trainable, result: FitResult, generator: torch.Generator) -> None:
+        """Keep a trained variant, with the random state the next variant starts from."""
+        self.finished[variant] = {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                                  "result": dataclasses.asdict(result),
+                                  "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
+        self.current = None
+
+    def restore(self, variant: str, model: Trainable, generator: torch.Generator) -> FitResult:
+        """A finished variant's weights and result, and the random state after it, as if it had just trained."""
+        finished = self.finished[variant]
+        model.load_state_dict(finished["model"])
+        torch.set_rng_state(finished["rng"]["torch"])
+        generator.set_state(finished["rng"]["generator"])
+        return FitResult(**finished["result"])
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _log_missing_epochs(tracker: tracking.Tracker, prefix: str, history: list[dict[str, float]]) -> None:
+    """Log the resumed epochs that the killed process had not: each epoch is in the run exactly once."""
+    logged = tracker.logged_steps(prefix + next(iter(history[-1]))) if history else set()
+    for epoch, row in enumerate(history, 1):
+        if epoch not in logged:
+            tracker.log_metrics({prefix + k: v for k, v in row.items()}, epoch)
 
 
 def _save_training(name: str, family: ModuleType, cfg: Any, variants: dict[str, Variant],
@@ -130,14 +225,22 @@ def load_trained(name: str) -> tuple[ModuleType, Context, dict[str, Any]]:
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} not found: run `dvc repro train@{name}` first")
     summary = json.loads(summary_path.read_text())
-    checkpoints = {v: torch.load(MODELS / name / f"{v}.pt", map_location="cpu") for v in summary["variants"]}
+    checkpoints = {v: _load_checkpoint(MODELS / name / f"{v}.pt", name) for v in summary["variants"]}
     trained_cfg = family.Config.model_validate(next(iter(checkpoints.values()))["config"])
     seed_everything(seed)
     variants = family.variants(trained_cfg)
     for variant_name, variant in variants.items():
         variant.model.load_state_dict(checkpoints[variant_name]["state_dict"])
         variant.model.to(device).eval()
-    return family, Context(variants, cfg, device, Path(), seed), summary
+    return family, Context(variants, cfg, device, Path(), seed, SAMPLES / name), summary
+
+
+def _load_checkpoint(path: Path, name: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path} cannot be read ({str(err).splitlines()[0][:160]}): restore it with "
+                              f"`dvc checkout models/{name}` or retrain with `dvc repro -f train@{name}`") from None
 
 
 def evaluate(name: str) -> None:
@@ -148,13 +251,26 @@ def evaluate(name: str) -> None:
             ctx.out = out
             with torch.no_grad():
                 metrics = family.evaluate(ctx)
-        metrics |= _training_metrics(summary)
-        generated = SAMPLES / name / "metrics.json"
-        if generated.is_file():  # sequence families measure their generated tunes in `generate`
-            metrics |= json.loads(generated.read_text())
+        metrics |= _training_metrics(summary) | {
+            "parameters": sum(p.numel() for v in ctx.variants.values() for p in v.model.parameters())}
         write_json(METRICS / f"{name}.json", metrics)
-        tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()})
+        logged = {mlflow_key(k): v for k, v in metrics.items()}
+        tracker.log_metrics(logged)
+        tracker.log_to_parent_once(logged)
         tracker.log_artifact(PLOTS / name / "evaluation", "plots/evaluation")
+
+
+def mlflow_key(key: str) -> str:
+    """A metrics-file key as MLflow shows it, grouped without doubled prefixes: `test_accuracy` → `test/accuracy`,
+    `train_seconds` → `time/train_seconds`, `accuracy_sandal` → `per_class/accuracy_sandal`, `fid` → `test/fid`,
+    `parameters` → `model/parameters`."""
+    if key.endswith("_seconds"):
+        return f"time/{key}"
+    if key.startswith("accuracy_"):
+        return f"per_class/{key}"
+    if key in ("parameters", "epochs_run"):
+        return f"model/{key}"
+    return f"test/{key.removeprefix('test_')}"
 
 
 def _training_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -171,9 +287,5 @@ def generate(name: str) -> None:
         with atomic_path(SAMPLES / name) as out:
             out.mkdir()
             ctx.out = out
-            metrics = family.generate(ctx)
-            if metrics:
-                write_json(out / "metrics.json", metrics)
-        if metrics:
-            tracker.log_metrics({f"samples/{k}": v for k, v in metrics.items()})
+            family.generate(ctx)
         tracker.log_artifact(SAMPLES / name, "samples")

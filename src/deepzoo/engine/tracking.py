@@ -1,4 +1,5 @@
-"""All MLflow calls live here: one run per training stage, reopened by its evaluation and generation.
+"""All MLflow calls live here: one run per training stage; its evaluation and generation each open a run nested
+under it, so that their failures or reruns never change the training run's state or history.
 
 Default store: `sqlite:///mlflow.db` in the repository root; `MLFLOW_TRACKING_URI` points elsewhere.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -25,9 +27,10 @@ from deepzoo.storage import repository_root
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 REACH_TIMEOUT_S = 5
+PID_TAG, HOST_TAG = "deepzoo.pid", "deepzoo.host"  # which process owns a RUNNING run
 
 
-class TrackingError(RuntimeError):
+class TrackingError(deepzoo.DeepzooError):
     """The tracking server cannot be reached or refused a request."""
 
 
@@ -64,34 +67,62 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_commit() -> str:
+def git(*args: str) -> str | None:
+    """git's answer, or None where there is no git or no repository."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> dict[str, str]:
+    """Tags that say what produced a run: the commit, whether the work tree had uncommitted changes, and the
+    DVC experiment (`dvc exp run` exports its name and baseline to the stages it runs)."""
+    status = git("status", "--porcelain", "--untracked-files=no")
+    tags = {"git_commit": git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags |= {"dvc_exp_name": os.environ["DVC_EXP_NAME"],
+                 "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "unknown")}
+    return tags
 
 
 class Tracker:
     """The open run of one stage."""
 
-    def __init__(self, mlflow: Any, run_id: str) -> None:
-        self._mlflow, self.run_id = mlflow, run_id
+    def __init__(self, mlflow: Any, run_id: str, parent_run_id: str | None = None) -> None:
+        self._mlflow, self.run_id, self.parent_run_id = mlflow, run_id, parent_run_id
         self.metric_seconds = 0.0  # time spent logging metrics: the overhead tracking adds to training
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flatten(params).items()}
         self._mlflow.log_params(flat)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """One batched request per call: per-epoch logging stays far below 1 % of training time."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+        """One batched, synchronous request per call: per-epoch logging stays far below 1 % of training time, and
+        MLflow's asynchronous queue would cost every stage about 2 s to drain and could lose epochs to a SIGKILL."""
         from mlflow.entities import Metric
 
         start = time.perf_counter()
         now = int(time.time() * 1000)
         rows = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
-        self._mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=rows, synchronous=False)
+        self._mlflow.tracking.MlflowClient().log_batch(run_id or self.run_id, metrics=rows)
         self.metric_seconds += time.perf_counter() - start
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric `key` of this run has been logged."""
+        return {m.step for m in self._mlflow.tracking.MlflowClient().get_metric_history(self.run_id, key)}
+
+    def log_to_parent_once(self, metrics: Mapping[str, float]) -> None:
+        """Give the training run these metrics too, the first time its model is measured: the runs table then
+        compares trainings by their results, while a re-measurement (say, by a new FID extractor) stays in its
+        own nested run instead of appending a second value to the training's history."""
+        if self.parent_run_id is None:
+            return
+        logged = self._mlflow.tracking.MlflowClient().get_run(self.parent_run_id).data.metrics
+        if not set(metrics) & set(logged):
+            self.log_metrics(metrics, run_id=self.parent_run_id)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
@@ -120,37 +151,82 @@ class Tracker:
 
 
 @contextmanager
-def run(experiment: str, family: str, stage: str, device: str, resume_run_id: str | None = None
-        ) -> Iterator[Tracker]:
-    """Open the stage's MLflow run and always close it, as FAILED when the stage raises.
+def run(experiment: str, family: str, stage: str, device: str, parent_run_id: str | None = None,
+        reopen_run_id: str | None = None) -> Iterator[Tracker]:
+    """Open the stage's MLflow run and always close it: FINISHED, FAILED when the stage raises, KILLED when it
+    is stopped (Ctrl-C, SIGTERM).
 
-    A training stage starts a new run; its evaluation and generation stages pass the run id the
-    training stage recorded, to add to that same run.
+    A training stage starts a run named after its family. Its evaluation and generation pass the training
+    run's id: their runs are nested under it (`mlflow.parentRunId`), so a failed evaluation never marks a
+    good training FAILED. Runs of the same stage left RUNNING by a process that no longer exists on this
+    machine (a SIGKILL, a power cut) are marked KILLED first; a training that resumes after one reopens its
+    run (`reopen_run_id`).
     """
     uri = tracking_uri()
     check_reachable(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
-    tags = {"family": family, "git_commit": git_commit(), "device": device, "torch_version": torch.__version__}
-    if resume_run_id is not None and not _exists(mlflow, resume_run_id):
-        print(f"MLflow run {resume_run_id} is not in {uri} (tracking store changed?): starting a new run")
-        resume_run_id = None
-    if resume_run_id is None:
-        active = mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, uri), run_name=family,
-                                  tags={**tags, "dvc_stage": f"{stage}@{family}"})
-    else:
-        active = mlflow.start_run(run_id=resume_run_id)
-        mlflow.set_tags({f"dvc_stage.{stage}": f"{stage}@{family}", f"device.{stage}": device})
+    dvc_stage = f"{stage}@{family}" if stage in ("train", "evaluate", "generate") else stage
+    tags = {"family": family, **provenance(), "device": device, "torch_version": torch.__version__,
+            "dvc_stage": dvc_stage, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    # Runs you can tell apart: an experiment's runs carry its name (`cnn · larky-teat`) and say where they came from.
+    run_name = family if stage == "train" else dvc_stage
+    if "dvc_exp_name" in tags:
+        run_name = f"{run_name} · {tags['dvc_exp_name']}"
+        tags["mlflow.note.content"] = (f"DVC experiment `{tags['dvc_exp_name']}` on baseline "
+                                       f"`{tags['dvc_exp_baseline_rev'][:7]}`: `dvc exp show` lists its params.")
     try:
-        yield Tracker(mlflow, active.info.run_id)
+        experiment_id = _experiment_id(mlflow, experiment, uri)
+        mark_killed(mlflow.tracking.MlflowClient(), experiment_id, dvc_stage)
+        for wanted in (parent_run_id, reopen_run_id):
+            if wanted is not None and not _exists(mlflow, wanted):
+                print(f"MLflow run {wanted} is not in {uri} (tracking store changed?): starting a run of its own")
+        if parent_run_id is not None and _exists(mlflow, parent_run_id):
+            tags["mlflow.parentRunId"] = parent_run_id
+        if reopen_run_id is not None and _exists(mlflow, reopen_run_id):
+            active = mlflow.start_run(run_id=reopen_run_id)
+            mlflow.set_tags({PID_TAG: tags[PID_TAG], HOST_TAG: tags[HOST_TAG]})
+        else:
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    except MlflowException as err:
+        raise TrackingError(f"{uri} did not answer as an MLflow tracking server ({str(err).splitlines()[0][:200]}); "
+                            f"fix MLFLOW_TRACKING_URI or unset it to use the local {DEFAULT_URI}.") from None
+    try:
+        yield Tracker(mlflow, active.info.run_id, tags.get("mlflow.parentRunId"))
+    except (KeyboardInterrupt, SystemExit):
+        mlflow.end_run(status="KILLED")
+        raise
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
-    mlflow.flush_async_logging()
     mlflow.end_run()
+
+
+def mark_killed(client: Any, experiment_id: str, dvc_stage: str) -> None:
+    """Mark KILLED the runs of `dvc_stage` still RUNNING whose process on this machine no longer exists."""
+    stale = client.search_runs([experiment_id], f"tags.dvc_stage = '{dvc_stage}' and attributes.status = 'RUNNING'")
+    for found in stale:
+        tags = found.data.tags
+        if tags.get(HOST_TAG) == socket.gethostname() and not _alive(int(tags.get(PID_TAG, "0"))):
+            client.set_terminated(found.info.run_id, status="KILLED")
+            print(f"MLflow run {found.info.run_id} of {dvc_stage} was left RUNNING by a process that is gone: "
+                  "marked KILLED")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _experiment_id(mlflow: Any, name: str, uri: str) -> str:

@@ -13,21 +13,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from deepzoo import DeepzooError
 from deepzoo.config import TrainConfig
 from deepzoo.engine import distributed
 
 Batch = tuple[Tensor, ...]
 Metrics = dict[str, Tensor]
 NAN_CHECK_EVERY = 50  # batches; checking every batch would force a GPU sync per step
+GROWTH_LIMIT = 100  # an epoch's mean loss at this many times the first batch's: diverged, even while finite
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+class TrainingDiverged(DeepzooError):
+    """The loss became NaN or infinite, grew far past where it started, or a classifier learned nothing."""
 
 
 class Trainable(nn.Module):
@@ -43,6 +46,8 @@ class Trainable(nn.Module):
     def example_input(self, data: Batch) -> Tensor:
         """One input for `forward`, from stored data: the logged model's signature and example."""
         return self.prepare(tuple(t[:1] for t in data))[0]
+
+    chance_accuracy: float | None = None  # a classifier's accuracy by guessing: training that ends there failed
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per optimizer; models with several optimizers (GAN) override this."""
@@ -145,6 +150,10 @@ class Averager:
         recent = torch.isfinite(torch.stack(self.rows[-last if last else 0 :])).all(0).tolist()
         return next((k for k, ok in zip(self.keys, recent, strict=True) if k.endswith("loss") and not ok), None)
 
+    def first(self) -> dict[str, float]:
+        """The first batch's metrics: before any update, where the losses start."""
+        return dict(zip(self.keys, self.rows[0].tolist(), strict=True)) if self.rows else {}
+
     def means(self) -> dict[str, float]:
         """Means over all ranks: every rank sees the same numbers, so takes the same decisions."""
         if not self.rows:
@@ -189,8 +198,14 @@ class EarlyStopping:
 
 def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, device: torch.device,
         generator: torch.Generator, on_epoch: Callable[[int, dict[str, float]], None] = lambda *_: None,
-        mixed_precision: bool = True) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch."""
+        mixed_precision: bool = True, resume: dict[str, Any] | None = None,
+        on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Train `model` in place; on return it holds the weights of the best validation epoch.
+
+    After every epoch `on_checkpoint` gets the whole training state (`TrainingState`'s dict: weights,
+    optimizers, schedules, early stopping, random generators, history); `resume` takes such a state and goes
+    on from the epoch after it, as if training had never stopped.
+    """
     model.to(device)
     if device.type == "cuda":
         train = resident(train, device)
@@ -203,40 +218,89 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
     optimizers = {name: make_optimizer(params, cfg) for name, params in groups.items()}
     schedules = [s for s in (make_schedule(opt, cfg) for opt in optimizers.values()) if s is not None]
     stopper, result = EarlyStopping(cfg.patience, cfg.min_delta), FitResult()
+    state = TrainingState(model, optimizers, schedules, stopper, result, generator)
+    first_epoch, earlier_seconds, first_losses, done = 1, 0.0, {}, False
+    if resume is not None:
+        first_epoch, earlier_seconds, first_losses, done = state.load(resume)
+        distributed.print_once(f"resuming after epoch {first_epoch - 1} of {cfg.epochs}")
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if done:
+            break
         epoch_start = time.perf_counter()
-        row = _train_epoch(model, groups, optimizers, train, cfg, device, generator, epoch, mixed_precision)
+        row, first = _train_epoch(model, groups, optimizers, train, cfg, device, generator, epoch, mixed_precision)
+        first_losses = first_losses or {k: v for k, v in first.items() if k.endswith("loss")}
+        _check_growth(row, first_losses, epoch, cfg)
         if val is not None:
             row |= {f"val/{k}": v for k, v in evaluate(model, val, cfg.batch_size, device, mixed_precision).items()}
         row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         row["epoch_seconds"] = time.perf_counter() - epoch_start
         result.history.append(row)
         result.epochs_run = epoch
-        on_epoch(epoch, row)
-        distributed.print_once(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
         monitored = row.get("val/loss", row.get("train/loss"))
         for schedule in schedules:
             if isinstance(schedule, ReduceLROnPlateau):
                 schedule.step(monitored)
             else:
                 schedule.step()
-        if stopper.should_stop(epoch, row.get("val/loss"), model):
+        done = stopper.should_stop(epoch, row.get("val/loss"), model)
+        if on_checkpoint is not None:  # first: an epoch that was reported is an epoch that resumes
+            on_checkpoint(state.save(epoch, earlier_seconds + time.perf_counter() - start, first_losses, done))
+        on_epoch(epoch, row)
+        distributed.print_once(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if done:
             distributed.print_once(f"early stopping: val/loss has not improved for {stopper.stalled} epochs "
                  f"(best {stopper.best_loss:.4g} at epoch {stopper.best_epoch})")
-            break
+    _check_learned(model, result.history, first_losses, cfg)
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     result.best_epoch = stopper.best_epoch or result.epochs_run
-    result.train_seconds = time.perf_counter() - start
+    result.train_seconds = earlier_seconds + time.perf_counter() - start
     samples = min(len(train[0]), cfg.batch_size * (cfg.max_batches or len(train[0]))) * result.epochs_run
     result.samples_per_second = samples / max(result.train_seconds, 1e-9)
     return result
 
 
+@dataclass
+class TrainingState:
+    """Everything a training's next epoch depends on, to save after an epoch and resume from bit for bit."""
+
+    model: Trainable
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedules: list[Any]
+    stopper: EarlyStopping
+    result: FitResult
+    generator: torch.Generator
+
+    def save(self, epoch: int, seconds: float, first_losses: dict[str, float], done: bool) -> dict[str, Any]:
+        return {"epoch": epoch, "seconds": seconds, "first_losses": first_losses, "done": done,
+                "model": self.model.state_dict(), "history": self.result.history,
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                "schedules": [schedule.state_dict() for schedule in self.schedules],
+                "stopper": {k: getattr(self.stopper, k) for k in ("best_loss", "best_epoch", "stalled", "best_state")},
+                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def load(self, saved: dict[str, Any]) -> tuple[int, float, dict[str, float], bool]:
+        """Restore `saved`; returns the next epoch, the seconds trained so far, the first losses and whether done."""
+        self.model.load_state_dict(saved["model"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
+        for schedule, schedule_state in zip(self.schedules, saved["schedules"], strict=True):
+            schedule.load_state_dict(schedule_state)
+        for key, value in saved["stopper"].items():
+            setattr(self.stopper, key, value)
+        self.result.history, self.result.epochs_run = list(saved["history"]), saved["epoch"]
+        torch.set_rng_state(saved["rng"]["torch"])
+        self.generator.set_state(saved["rng"]["generator"])
+        if saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        return saved["epoch"] + 1, saved["seconds"], saved["first_losses"], saved["done"]
+
+
 def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimizers: dict[str, torch.optim.Optimizer],
                  train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator, epoch: int,
-                 mixed_precision: bool) -> dict[str, float]:
+                 mixed_precision: bool) -> tuple[dict[str, float], dict[str, float]]:
     model.train()
     world = distributed.world_size()
     batch_size = max(cfg.batch_size // world, 1)  # per rank: the effective batch size stays cfg.batch_size
@@ -266,7 +330,7 @@ def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimi
     if norms:  # norms before clipping: what shows exploding gradients
         stacked = torch.stack(norms)
         row |= {"train/grad_norm_max": stacked.max().item(), "train/grad_norm_mean": stacked.mean().item()}
-    return row
+    return row, averager.first()
 
 
 def _losses(model: Trainable, batch: Batch, device: torch.device, mixed_precision: bool):
@@ -279,11 +343,35 @@ def _losses(model: Trainable, batch: Batch, device: torch.device, mixed_precisio
         yield item
 
 
+def _advice(cfg: TrainConfig) -> str:
+    return (f"Lower the learning rate (train.lr = {cfg.lr:g}, try {cfg.lr / 10:g})"
+            + ("" if cfg.clip_grad_norm else " or set train.clip_grad_norm (e.g. 1.0)") + ".")
+
+
 def _check_finite(averager: Averager, epoch: int, step: int, cfg: TrainConfig, last: int | None = None) -> None:
     bad = averager.nonfinite_loss(last)
     if bad:
-        raise TrainingDiverged(
-            f"{bad} became NaN or infinite by epoch {epoch}, batch {step}: training diverged. "
-            f"Lower the learning rate (train.lr = {cfg.lr:g}, try {cfg.lr / 10:g})"
-            + ("" if cfg.clip_grad_norm else " or set train.clip_grad_norm (e.g. 1.0)") + "."
-        )
+        raise TrainingDiverged(f"{bad} became NaN or infinite by epoch {epoch}, batch {step}: training diverged. "
+                               + _advice(cfg))
+
+
+def _check_growth(row: dict[str, float], first_losses: dict[str, float], epoch: int, cfg: TrainConfig) -> None:
+    """A loss that ends an epoch at GROWTH_LIMIT times where its first batch started has diverged, NaN or not."""
+    for key, first in first_losses.items():
+        mean = row.get(f"train/{key}", 0.0)
+        if first > 0 and mean >= GROWTH_LIMIT * first:
+            raise TrainingDiverged(f"{key} grew from {first:.4g} (first batch) to {mean:.4g} (epoch {epoch} mean): "
+                                   f"training diverged. " + _advice(cfg))
+
+
+def _check_learned(model: Trainable, history: list[dict[str, float]], first_losses: dict[str, float],
+                   cfg: TrainConfig) -> None:
+    """A classifier that saw all its training data (no `max_batches` cap) and learned nothing: its best validation
+    accuracy no better than guessing, and no epoch's loss below its first batch's (a run that has begun to learn
+    may still be at chance accuracy)."""
+    best = max((row.get("val/accuracy", math.inf) for row in history), default=math.inf)
+    start = first_losses.get("loss", -math.inf)
+    stuck = cfg.max_batches is None and all(row.get("train/loss", math.inf) >= start for row in history)
+    if model.chance_accuracy is not None and best <= model.chance_accuracy + 0.01 and stuck:
+        raise TrainingDiverged(f"validation accuracy never beat chance ({best:.4f}, chance {model.chance_accuracy:g}) "
+                               f"in {len(history)} epochs: training failed. " + _advice(cfg))

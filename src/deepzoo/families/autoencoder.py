@@ -18,10 +18,10 @@ EXPERIMENT = generative.EXPERIMENT
 
 
 class Config(Section):
-    model: generative.ModelConfig = generative.ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: generative.EvaluateConfig = generative.EvaluateConfig()
-    generate: generative.GenerateConfig = generative.GenerateConfig()
+    model: generative.ModelConfig
+    train: TrainConfig
+    evaluate: generative.EvaluateConfig
+    generate: generative.GenerateConfig
 
 
 class Autoencoder(generative.Autoencoding):
@@ -55,7 +55,6 @@ def evaluate(ctx: Context) -> dict[str, float]:
     return {"test_recon_mse": round(scores["mse"], 5), "test_recon_bce": round(scores["bce"], 3), **fid}
 
 
-def generate(ctx: Context) -> dict[str, float]:
+def generate(ctx: Context) -> None:
     (variant,) = ctx.variants.values()
     generative.generate_autoencoding(ctx, variant.model, variant.data["test"], "autoencoder")
-    return {}

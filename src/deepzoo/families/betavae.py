@@ -15,11 +15,11 @@ from deepzoo.families.vae import EXPERIMENT, evaluate, generate  # noqa: F401 - 
 
 
 class ModelConfig(vae.ModelConfig):
-    beta: float = Field(4.0, gt=0)
+    beta: float = Field(gt=1)  # β = 1 is the `vae` family
 
 
 class Config(vae.Config):
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig
 
 
 def variants(cfg: Config) -> dict[str, Variant]:

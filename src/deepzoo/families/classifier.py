@@ -19,14 +19,15 @@ EXPERIMENT = "fashion-mnist-classification"
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(1000, ge=1)
+    batch_size: int = Field(ge=1)
 
 
 class ImageClassifier(Trainable):
+    chance_accuracy = 1 / len(fashion_mnist.CLASSES)
+
     def prepare(self, batch: Batch) -> Batch:
         images, labels = batch
-        # Images are stored as bytes in [0, 255]; the division happens per batch, on the device.
-        return images.unsqueeze(1).float().div_(255), labels
+        return fashion_mnist.to_unit(images), labels
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         images, labels = batch

@@ -1,4 +1,4 @@
-"""`cnn`: lecture 3's convolutional classifier, and the feature extractor behind every FID in deepzoo.
+"""`cnn`: lecture 3's convolutional classifier; its architecture is also FID's feature extractor (`embed_images`).
 
 Default = the lecture's model: Conv 32 3×3 → ReLU → MaxPool 2 → Conv 64 3×3 → ReLU → MaxPool 2 →
 Flatten → Dense 1024 → ReLU → Dense 10. Params switch on batch norm, dropout, width and augmentation.
@@ -14,7 +14,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig
+from deepzoo.config import Section, TrainConfig, Width
+from deepzoo.data import fashion_mnist
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch
 from deepzoo.families import classifier
@@ -24,17 +25,17 @@ EXPERIMENT = classifier.EXPERIMENT
 
 
 class ModelConfig(Section):
-    filters: tuple[int, int] = (32, 64)  # feature maps of the two conv layers: the "depth" of each volume
-    dense: int = Field(1024, ge=1)
-    batch_norm: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)  # before the last dense layer
-    augment: bool = False  # random 2-pixel shifts and horizontal flips while training
+    filters: tuple[Width, Width]  # feature maps of the two conv layers: the "depth" of each volume
+    dense: int = Field(ge=1)
+    batch_norm: bool
+    dropout: float = Field(ge=0, lt=1)  # before the last dense layer
+    augment: bool  # random 2-pixel shifts and horizontal flips while training
 
 
 class Config(Section):
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: classifier.EvaluateConfig = classifier.EvaluateConfig()
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: classifier.EvaluateConfig
 
 
 def conv_block(inputs: int, outputs: int, batch_norm: bool) -> nn.Sequential:
@@ -101,7 +102,7 @@ def filters_figure(model: CNN) -> plt.Figure:
 
 def feature_maps_figure(model: CNN, image: Tensor) -> plt.Figure:
     """The input and the first conv layer's feature maps (after ReLU) for one test image."""
-    x = image.unsqueeze(1).float() / 255
+    x = fashion_mnist.to_unit(image)
     maps = model.features_2d[0][:-1](x)[0].cpu()  # conv → (bn) → ReLU, before pooling: [32, 26, 26]
     fig, axes = plt.subplots(4, len(maps) // 4 + 1, figsize=(len(maps) // 4 + 1, 4.4))
     for ax in axes.flat:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from deepzoo.config import Section, TrainConfig
@@ -22,16 +21,16 @@ from deepzoo.families import generative
 EXPERIMENT = generative.EXPERIMENT
 
 
-class ModelConfig(generative.ModelConfig):
-    latent: int = Field(64, ge=1)
+class GANTrainConfig(TrainConfig):
+    # DCGAN's Adam: lr 2e-4 and β₁ = 0.5, where PyTorch's default 0.9 oscillates: a GAN recipe must say.
+    betas: tuple[float, float]
 
 
 class Config(Section):
-    model: ModelConfig = ModelConfig()
-    # DCGAN's Adam: lr 2e-4 and β₁ = 0.5 (the default 0.9 oscillates); no validation loss to stop early on.
-    train: TrainConfig = TrainConfig(lr=2e-4, betas=(0.5, 0.999), patience=None)
-    evaluate: generative.EvaluateConfig = generative.EvaluateConfig()
-    generate: generative.GenerateConfig = generative.GenerateConfig()
+    model: generative.ModelConfig
+    train: GANTrainConfig
+    evaluate: generative.EvaluateConfig
+    generate: generative.GenerateConfig
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -56,7 +55,7 @@ def dcgan_init(module: nn.Module) -> None:
 
 
 class GAN(generative.Generative):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: generative.ModelConfig):
         super().__init__(cfg.latent)
         self.generator = generative.decoder(cfg.latent, cfg.channels, batch_norm=True)
         self.discriminator = generative.encoder(cfg.channels, 1, batch_norm=True)  # [B, 1, 28, 28] → logit [B, 1]
@@ -111,7 +110,7 @@ def evaluate(ctx: Context) -> dict[str, float]:
 
 
 @torch.no_grad()
-def generate(ctx: Context) -> dict[str, float]:
+def generate(ctx: Context) -> None:
     """Samples, and interpolations between random codes (a GAN has no encoder to place test images)."""
     (variant,) = ctx.variants.values()
     model, steps = variant.model, ctx.cfg.generate.steps
@@ -119,4 +118,3 @@ def generate(ctx: Context) -> dict[str, float]:
     ends = torch.randn(2, 8, model.latent, generator=torch.Generator().manual_seed(ctx.seed + 1)).to(ctx.device)
     images = model.images(generative.interpolate(ends[0], ends[1], steps))  # [8·steps, 1, 28, 28]
     generative.save_grid(ctx.out / "interpolation.png", images, steps, "gan: decoded along lines between random codes")
-    return {}

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section
+from deepzoo.config import Section, Width
 from deepzoo.data import fashion_mnist
+from deepzoo.data.fashion_mnist import to_unit
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
 from deepzoo.metrics import fid
@@ -31,22 +32,16 @@ EXPERIMENT = "fashion-mnist-generation"
 
 
 class ModelConfig(Section):
-    latent: int = Field(16, ge=1)  # size of the code z
-    channels: tuple[int, int] = (32, 64)  # feature maps of the two stride-2 convolutions (28 → 14 → 7)
+    latent: int = Field(ge=1)  # size of the code z
+    channels: tuple[Width, Width]  # feature maps of the two stride-2 convolutions (28 → 14 → 7)
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(1000, ge=1)
-    fid_samples: int = Field(10000, ge=10)  # generated images, and real training images for the floor
+    batch_size: int = Field(ge=1)  # images per forward pass (FID compares as many samples as `embeddings.samples`)
 
 
 class GenerateConfig(Section):
-    steps: int = Field(10, ge=2)  # images per row of interpolations and traversals
-
-
-def to_unit(images: Tensor) -> Tensor:
-    """Stored bytes [N, 28, 28] in [0, 255] → floats [N, 1, 28, 28] in [0, 1]."""
-    return images.unsqueeze(1).float().div_(255)
+    steps: int = Field(ge=2)  # images per row of interpolations and traversals
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
@@ -118,22 +113,19 @@ def single_variant(name: str, model: Generative) -> dict[str, Variant]:
 
 
 def fid_metrics(ctx: Context, model: Generative, data: dict[str, Batch]) -> dict[str, float]:
-    """FID of n samples decoded from N(0, I) vs n test images, and the floor: n real training images vs the same.
+    """FID of n samples decoded from N(0, I) vs the reference's n test images, beside the real-vs-real floor.
 
-    Also draws samples beside their nearest training images in the same features: a memorisation check.
+    Only the samples are embedded here; the real images' side comes from `embed_images`. Also draws samples
+    beside their nearest training images in the same features: a memorisation check.
     """
-    cfg = ctx.cfg.evaluate
-    extractor = fid.load_extractor(ctx.device)
-    n = min(cfg.fid_samples, len(data["test"][0]), len(data["train"][0]))
-    samples = model.sample(n, torch.Generator().manual_seed(ctx.seed), cfg.batch_size)
-    train = to_unit(data["train"][0][:n])
-    embed = lambda images: fid.features(extractor, images, cfg.batch_size)  # noqa: E731
-    sample_features, train_features = embed(samples), embed(train)
-    test = fid.fit_gaussian(embed(to_unit(data["test"][0][:n])))
-    save_nearest_neighbours(ctx.out / "nearest_neighbours.png", samples[:8], train,
-                            torch.cdist(sample_features[:8], train_features))
-    return {"fid": round(fid.frechet_distance(fid.fit_gaussian(sample_features), test), 3),
-            "fid_real_floor": round(fid.frechet_distance(fid.fit_gaussian(train_features), test), 3)}
+    reference = fid.load_reference()
+    samples = model.sample(reference.n, torch.Generator().manual_seed(ctx.seed), ctx.cfg.evaluate.batch_size)
+    sample_features = fid.features(reference.extractor, samples, ctx.cfg.evaluate.batch_size)
+    distances = torch.cdist(sample_features[:8], reference.train_features.double())
+    save_nearest_neighbours(ctx.out / "nearest_neighbours.png", samples[:8], to_unit(data["train"][0][: reference.n]),
+                            distances)
+    return {"fid": round(fid.frechet_distance(fid.fit_gaussian(sample_features), reference.test), 3),
+            "fid_real_floor": round(reference.floor, 3)}
 
 
 def save_nearest_neighbours(path: Path, samples: Tensor, train: Tensor, distances: Tensor, k: int = 5) -> None:

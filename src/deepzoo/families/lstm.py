@@ -12,11 +12,11 @@ from deepzoo.families.sequence import EXPERIMENT, evaluate, generate  # noqa: F4
 
 
 class ModelConfig(sequence.ModelConfig):
-    layers: int = Field(1, ge=1)  # stacked LSTMs; `dropout` also applies between them
+    layers: int = Field(ge=1)  # stacked LSTMs; `dropout` also applies between them
 
 
 class Config(sequence.Config):
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig
 
 
 def variants(cfg: Config) -> dict[str, Variant]:

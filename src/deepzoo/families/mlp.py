@@ -7,23 +7,24 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig
+from deepzoo.config import Section, TrainConfig, Width
 from deepzoo.engine.stages import Variant
-from deepzoo.families.classifier import EXPERIMENT, EvaluateConfig, ImageClassifier, evaluate, single_variant
+from deepzoo.families.classifier import (  # noqa: F401 - EXPERIMENT and evaluate: the family contract
+    EXPERIMENT, EvaluateConfig, ImageClassifier, evaluate, single_variant)
 
 NONLINEARITIES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
 class ModelConfig(Section):
-    hidden: list[int] = Field(default_factory=lambda: [512, 256], min_length=1)  # neurons per hidden layer
-    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
-    dropout: float = Field(0.2, ge=0, lt=1)
+    hidden: list[Width] = Field(min_length=1)  # neurons per hidden layer
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"]
+    dropout: float = Field(ge=0, lt=1)
 
 
 class Config(Section):
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
 
 
 class MLP(ImageClassifier):

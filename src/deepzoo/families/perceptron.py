@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig
+from deepzoo.config import Section, TrainConfig, Width
 from deepzoo.data import toy2d
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
@@ -30,18 +30,18 @@ Name = Literal["linear", "relu", "tanh", "sigmoid"]
 
 
 class ModelConfig(Section):
-    hidden: list[int] = Field(default_factory=lambda: [16, 16, 16], min_length=1)  # the deep variants' layers
-    activations: list[Name] = Field(default_factory=lambda: ["linear", "relu", "tanh", "sigmoid"], min_length=1)
+    hidden: list[Width] = Field(min_length=1)  # the deep variants' layers
+    activations: list[Name] = Field(min_length=1)
 
 
 class EvaluateConfig(Section):
-    grid: int = Field(200, ge=10)  # resolution of the decision-boundary figures
+    grid: int = Field(ge=10)  # resolution of the decision-boundary figures
 
 
 class Config(Section):
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
 
 
 class Perceptron(Trainable):

@@ -16,12 +16,12 @@ from deepzoo.layers import Recurrent
 
 
 class ModelConfig(sequence.ModelConfig):
-    activation: Literal["tanh", "relu"] = "tanh"
-    identity_init: bool = False  # W_hh = I and zero biases at the start (Le et al. 2015)
+    activation: Literal["tanh", "relu"]
+    identity_init: bool  # W_hh = I and zero biases at the start (Le et al. 2015)
 
 
 class Config(sequence.Config):
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig
 
 
 def variants(cfg: Config) -> dict[str, Variant]:

@@ -11,11 +11,10 @@ from its start token to its end token, so no character is predicted from a trunc
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -32,36 +31,38 @@ from deepzoo.metrics import tunes as tune_metrics
 
 EXPERIMENT = "folk-tunes"
 LN2 = math.log(2)
+GENERATED = "generated.json"  # [[tune text, ended by the model], ...]: what generate hands to evaluate
 
 
 class ModelConfig(Section):
-    embedding_dim: int = Field(32, ge=1)  # learned vector per character
-    hidden_size: int = Field(256, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)  # before the output head
+    embedding_dim: int = Field(ge=1)  # learned vector per character
+    hidden_size: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)  # before the output head
 
 
 class SequenceTrainConfig(TrainConfig):
-    seq_length: int = Field(100, ge=2)  # characters per window: how far back gradients flow (truncated BPTT)
+    seq_length: int = Field(ge=2)  # characters per window: how far back gradients flow (truncated BPTT)
+    clip_grad_norm: float | None = Field(gt=0)  # recurrent nets' gradients explode: every recipe says how it clips
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(64, ge=1)  # validation tunes per batch
+    batch_size: int = Field(ge=1)  # validation tunes per batch
 
 
 class GenerateConfig(Section):
-    count: int = Field(20, ge=1)  # tunes to sample
-    temperature: float = Field(0.8, gt=0)  # < 1 sharpens the distribution: fewer errors, less variety
-    max_length: int = Field(1000, ge=10)  # characters per tune, if the end-of-tune token never comes
-    seed: int = 0
+    count: int = Field(ge=1)  # tunes to sample
+    temperature: float = Field(gt=0)  # < 1 sharpens the distribution: fewer errors, less variety
+    max_length: int = Field(ge=10)  # characters per tune, if the end-of-tune token never comes
+    seed: int
 
 
 class Config(Section):
     """A sequence family's params; a family overrides `model` with its own `ModelConfig` subclass."""
 
-    model: ModelConfig = ModelConfig()
-    train: SequenceTrainConfig = SequenceTrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    generate: GenerateConfig = GenerateConfig()
+    model: ModelConfig
+    train: SequenceTrainConfig
+    evaluate: EvaluateConfig
+    generate: GenerateConfig
 
 
 class CharModel(Trainable):
@@ -129,7 +130,9 @@ def tune_nats(model: CharModel, stream: Tensor, batch_size: int, device: torch.d
 
 
 def evaluate(ctx: Context) -> dict[str, float]:
-    """Bits per character of the validation tunes, overall and per tune (`val_tunes.csv`)."""
+    """Bits per character of the validation tunes, overall and per tune (`val_tunes.csv`); then the tunes the
+    generate stage wrote: how many are valid music and new (`tunes.csv`), beside what the held-out human tunes
+    score on the same measures (computed once, by `prepare_tunes`)."""
     (variant,) = ctx.variants.values()
     per_tune = tune_nats(variant.model, tunes.load("val"), ctx.cfg.evaluate.batch_size, ctx.device)
     with (ctx.out / "val_tunes.csv").open("w", newline="") as f:
@@ -139,7 +142,27 @@ def evaluate(ctx: Context) -> dict[str, float]:
             writer.writerow([i, tunes.parse(text).headers.get("T", ""), len(text), f"{nats / count / LN2:.4f}"])
     nats = sum(n for n, _ in per_tune) / sum(c for _, c in per_tune)
     return {"val_loss": round(nats, 4), "val_bits_per_char": round(nats / LN2, 4),
-            "val_perplexity": round(math.exp(nats), 4)}
+            "val_perplexity": round(math.exp(nats), 4), **measure_generated(ctx.samples, ctx.out),
+            **tunes.load_reference()}
+
+
+def measure_generated(samples: Path, out: Path) -> dict[str, float]:
+    """Validity and novelty of the tunes in `samples/tunes.abc`, with a per-tune report in `out/tunes.csv`."""
+    generated = samples / GENERATED
+    if not generated.is_file():
+        raise FileNotFoundError(f"{generated} not found: run the generate stage first (dvc repro)")
+    texts, ended = zip(*json.loads(generated.read_text()), strict=True)
+    checks = tune_metrics.check_all(texts)
+    novelty = tune_metrics.Novelty(tunes.load_tunes("train"))
+    novel = [novelty.is_novel(text) for text in texts]
+    write_report(out / "tunes.csv", texts, checks, novel)
+    return {
+        "valid_tune_fraction": tune_metrics.mean(c.valid for c in checks),
+        "abc2midi_warning_fraction": tune_metrics.mean(bool(c.warnings) for c in checks),
+        "novel_tune_fraction": tune_metrics.mean(novel),
+        "ended_tune_fraction": tune_metrics.mean(ended),
+        "mean_tune_chars": tune_metrics.mean(len(text) for text in texts),
+    }
 
 
 @torch.no_grad()
@@ -161,37 +184,19 @@ def sample(model: CharModel, vocab: tunes.Vocabulary, prime: str, cfg: GenerateC
     return vocab.decode(ids), False
 
 
-def generate(ctx: Context) -> dict[str, float]:
-    """Sample tunes into `tunes.abc`, convert each to MIDI, and measure how many are valid and new."""
+def generate(ctx: Context) -> None:
+    """Sample tunes into `tunes.abc` (a tune book), each as MIDI too, and `generated.json` for the evaluation:
+    each tune with whether the model ended it itself."""
     (variant,) = ctx.variants.values()
     cfg: GenerateConfig = ctx.cfg.generate
     vocab, generator = tunes.load_vocab(), torch.Generator().manual_seed(cfg.seed)
     # Prime with the start of a tune: its first header line, numbered so that tunes.abc plays as a tune book.
     samples = [sample(variant.model, vocab, f"X:{i}\n", cfg, generator) for i in range(1, cfg.count + 1)]
-    texts = [text for text, _ in samples]
-    (ctx.out / "tunes.abc").write_text("\n\n".join(texts) + "\n")
-    checks = [tune_metrics.check(text, ctx.out / f"tune_{i:02d}.mid") for i, text in enumerate(texts, 1)]
-    novelty = tune_metrics.Novelty(tunes.load_tunes("train"))
-    novel = [novelty.is_novel(text) for text in texts]
-    write_report(ctx.out / "tunes.csv", texts, checks, novel)
+    (ctx.out / "tunes.abc").write_text("\n\n".join(text for text, _ in samples) + "\n")
+    (ctx.out / GENERATED).write_text(json.dumps(samples, indent=1) + "\n")
+    for i, (text, _) in enumerate(samples, 1):
+        tune_metrics.abc2midi(text, ctx.out / f"tune_{i:02d}.mid")  # a tune abc2midi rejects gets no MIDI
     render_wav(ctx.out / "tune_01.mid")
-    return {
-        "valid_tune_fraction": mean(c.valid for c in checks),
-        "abc2midi_warning_fraction": mean(bool(c.warnings) for c in checks),
-        "novel_tune_fraction": mean(novel),
-        "ended_tune_fraction": mean(ended for _, ended in samples),
-        "mean_tune_chars": mean(len(text) for text in texts),
-        **reference_fractions(novelty),
-    }
-
-
-def reference_fractions(novelty: tune_metrics.Novelty) -> dict[str, float]:
-    """The same measures on the held-out human tunes: what 'valid' and 'novel' score on real music."""
-    held_out = tunes.load_tunes("val")
-    with tempfile.TemporaryDirectory() as scratch:
-        valid = [tune_metrics.check(tune, Path(scratch) / "tune.mid").valid for tune in held_out]
-    return {"reference_valid_tune_fraction": mean(valid),
-            "reference_novel_tune_fraction": mean(novelty.is_novel(tune) for tune in held_out)}
 
 
 def write_report(path: Path, texts: list[str], checks: list[tune_metrics.TuneCheck], novel: list[bool]) -> None:
@@ -210,8 +215,3 @@ def render_wav(midi: Path) -> None:
                            str(midi)], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         print(f"note: timidity could not render {midi.name} ({done.stderr.strip()[-200:]}); no WAV written")
-
-
-def mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return round(sum(values) / max(len(values), 1), 4)

@@ -30,23 +30,23 @@ ACTIVE_UNIT_VARIANCE = 0.01  # a latent is active when Var_x(E_q[z_u]) > 0.01 (B
 
 
 class ModelConfig(generative.ModelConfig):
-    beta: float = Field(1.0, gt=0)  # weight of the KL term; 1 gives the true ELBO
+    beta: float = Field(gt=0)  # weight of the KL term; 1 gives the true ELBO
 
 
 class EvaluateConfig(generative.EvaluateConfig):
-    iw_samples: int = Field(1000, ge=1)  # k in the importance-weighted bound
-    iw_images: int = Field(250, ge=1)  # the first test images, where it is computed (k decodes each)
+    iw_samples: int = Field(ge=1)  # k in the importance-weighted bound
+    iw_images: int = Field(ge=1)  # the first test images, where it is computed (k decodes each)
 
 
 class GenerateConfig(generative.GenerateConfig):
-    traversal_range: float = Field(3.0, gt=0)  # each latent sweeps [-r, r] prior standard deviations
+    traversal_range: float = Field(gt=0)  # each latent sweeps [-r, r] prior standard deviations
 
 
 class Config(Section):
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    generate: GenerateConfig = GenerateConfig()
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    generate: GenerateConfig
 
 
 def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -149,7 +149,7 @@ def kl_figure(kl: Tensor, variance: Tensor, title: str) -> plt.Figure:
 
 
 @torch.no_grad()
-def generate(ctx: Context) -> dict[str, float]:
+def generate(ctx: Context) -> None:
     """The shared figures, plus latent traversals: one row per latent, sorted by KL, the others fixed."""
     ((name, variant),) = ctx.variants.items()
     model, test, cfg = variant.model, variant.data["test"], ctx.cfg.generate
@@ -163,4 +163,3 @@ def generate(ctx: Context) -> dict[str, float]:
     generative.save_grid(ctx.out / "traversals.png", model.images(z.flatten(0, 1)), cfg.steps,
                          f"{name}: traversals, z_u from {-cfg.traversal_range:g} to {cfg.traversal_range:g}",
                          [f"z{u} (KL {kl[u]:.2f})" for u in order.tolist()])
-    return {}

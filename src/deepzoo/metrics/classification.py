@@ -13,7 +13,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix
 
 from deepzoo.engine.trainer import Batch, Trainable, batches, to_device
 from deepzoo.storage import save_figure
@@ -38,7 +37,8 @@ def report(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], out: 
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((classes[a], classes[p]) for a, p in zip(y_true, y_pred, strict=True))
-    matrix = confusion_matrix(y_true, y_pred, labels=range(len(classes)))
+    k = len(classes)
+    matrix = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)  # [actual, predicted] counts
     per_class = matrix.diagonal() / matrix.sum(axis=1).clip(min=1)
     with (out / "per_class_accuracy.csv").open("w", newline="") as f:
         writer = csv.writer(f)

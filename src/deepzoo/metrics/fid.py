@@ -1,8 +1,10 @@
-"""Fréchet distance between image sets (FID, Heusel et al. 2017) on the trained `cnn`'s penultimate features.
+"""Fréchet distance between image sets (FID, Heusel et al. 2017) on a fixed feature extractor.
 
-There are no pretrained Inception weights here, so the embedding is our own Fashion-MNIST classifier's
-Dense-1024 layer: numbers are comparable within deepzoo (same `models/cnn/cnn.pt`), not with published FIDs.
-FID is biased upwards for small sets, so compare only values computed with the same number of images.
+There are no pretrained Inception weights offline, so the features are the penultimate layer (Dense 1024) of
+the lecture CNN that the `embed_images` stage trains once, with its own recipe and seed: experiments on the
+`cnn` family never move FID, and the numbers compare within deepzoo, not with published FIDs. FID is biased
+upwards for small sets, so every FID here compares `n` generated images with the same `n` test images the
+reference statistics were computed on (`n` = `embeddings.samples`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from deepzoo.families import cnn
+from deepzoo.registry import EMBEDDINGS
 
-CNN_CHECKPOINT = Path("models/cnn/cnn.pt")
+EXTRACTOR, REFERENCE = "extractor.pt2", "reference.pt"
 
 
 @dataclass
@@ -27,21 +29,55 @@ class Gaussian:
     cov: np.ndarray
 
 
-def load_extractor(device: torch.device, path: Path = CNN_CHECKPOINT) -> cnn.CNN:
-    """The trained `cnn`, rebuilt from the config saved in its checkpoint."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: FID needs the trained cnn, run `dvc repro train@cnn` first")
-    checkpoint = torch.load(path, map_location="cpu")
-    model = cnn.CNN(cnn.Config.model_validate(checkpoint["config"]).model)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval()
+@dataclass
+class Reference:
+    """What `embed_images` stores: the extractor and the real images' side of every FID."""
+
+    extractor: nn.Module  # images [N, 1, 28, 28] in [0, 1] → features [N, D], on the CPU
+    test: Gaussian  # of the first n test images
+    floor: float  # FID of the first n real training images vs those test images: the best a generator can do
+    train_features: Tensor  # [n, D] of those training images, for nearest-neighbour figures
+
+    @property
+    def n(self) -> int:
+        return len(self.train_features)
+
+
+class Features(nn.Module):
+    """A model's `features(x)` as its `forward`: what `torch.export` exports, so no model code is needed to load it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.features(x)
+
+
+def export_extractor(model: nn.Module, path: Path) -> nn.Module:
+    """Export `model.features` (CPU, any batch size) to `path` and return the exported module."""
+    example = torch.rand(2, 1, 28, 28)
+    program = torch.export.export(Features(model.cpu().eval()), (example,),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(program, path)
+    return program.module()
+
+
+def load_reference(root: Path = Path(EMBEDDINGS)) -> Reference:
+    paths = root / EXTRACTOR, root / REFERENCE
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: FID needs the feature extractor, run `dvc repro embed_images`")
+    stored = torch.load(paths[1])
+    test = Gaussian(stored["test_mean"].numpy(), stored["test_cov"].numpy())
+    return Reference(torch.export.load(paths[0]).module(), test,
+                     stored["floor"], stored["train_features"])
 
 
 @torch.no_grad()
-def features(extractor: cnn.CNN, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """The penultimate-layer features [N, 1024] (float64, CPU) of `images` [N, 1, 28, 28] in [0, 1]."""
-    device = next(extractor.parameters()).device
-    return torch.cat([extractor.features(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)])
+def features(extractor: nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Features [N, D] (float64, CPU) of `images` [N, 1, 28, 28] in [0, 1], computed on the CPU like the reference."""
+    return torch.cat([extractor(chunk.cpu()).double() for chunk in images.split(batch_size)])
 
 
 def fit_gaussian(features: Tensor) -> Gaussian:

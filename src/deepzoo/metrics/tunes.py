@@ -4,8 +4,8 @@ Valid: the required headers (X:, M:, L:, K:), a body of at least `MIN_BARS` bars
 to MIDI without an error (its warnings, e.g. a bar one beat short, are counted apart).
 Novel: its body shares no run of `NOVELTY_CHARS` characters with any training tune's body. 30 characters
 is about three bars of eighth notes: common cadences and ornaments are shorter, so sharing them is not
-copying, while a shared 30-character run is a whole phrase lifted from one tune. The generate stage
-reports what both measures say of held-out human tunes too (`reference_*_fraction`), as a yardstick.
+copying, while a shared 30-character run is a whole phrase lifted from one tune. `prepare_tunes` measures
+the held-out human tunes once (`reference_*_fraction`), the yardstick for every family's generated tunes.
 """
 
 from __future__ import annotations
@@ -89,3 +89,21 @@ class Novelty:
     def is_novel(self, tune: str) -> bool:
         body = parse(tune).body
         return not any(body[i : i + self.chars] in self.phrases for i in range(len(body) - self.chars + 1))
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return round(sum(values) / max(len(values), 1), 4)
+
+
+def check_all(texts: Iterable[str]) -> list[TuneCheck]:
+    """`check` each tune, its MIDI file written to a scratch folder and dropped."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return [check(text, Path(scratch) / "tune.mid") for text in texts]
+
+
+def reference(held_out: list[str], training: list[str]) -> dict[str, float]:
+    """What 'valid' and 'novel' score on held-out human tunes (novel: against the training tunes)."""
+    novelty = Novelty(training)
+    return {"reference_valid_tune_fraction": mean(c.valid for c in check_all(held_out)),
+            "reference_novel_tune_fraction": mean(novelty.is_novel(tune) for tune in held_out)}

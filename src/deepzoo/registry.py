@@ -1,0 +1,78 @@
+"""The one list of deepzoo's datasets and families, and the one place that imports their modules.
+
+A dataset is a module `deepzoo.data.<name>` (`Params`, `prepare(params, seed)`, loaders) run by one
+`prepare_*`-style stage. A family is a module `deepzoo.families.<name>` with `EXPERIMENT`, `Config` (its
+params section), `variants(cfg)` (its model or models with their data), `evaluate(ctx)` and, when it
+generates, `generate(ctx)`. The CLI's choices, the stage orchestration and `dvc.yaml`'s `vars` follow from
+this file: `python -m deepzoo.wiring` prints the `vars` block, and the tests hold `dvc.yaml` to it.
+
+Adding a family is a module in `families/`, an entry in `FAMILIES` and a section in `params.yaml`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Dataset:
+    stage: str  # the DVC stage that writes data/processed/<name>
+    own_seed: bool = False  # its params section has its own `seed` instead of reading `common.seed`
+
+
+@dataclass(frozen=True)
+class Family:
+    data: str  # the dataset it trains on (a key of DATASETS)
+    headline: str  # the metric that sums it up in the results table
+    goal: str = ""  # what the headline should reach, as the table shows it
+    generates: bool = False  # has a generate@<family> stage
+    # What its evaluation reads besides its own model and data: outputs of other stages.
+    evaluation_reads: tuple[str, ...] = ()
+
+
+EMBEDDINGS = "data/processed/embeddings"  # the FID feature extractor and the real images' statistics
+
+DATASETS = {
+    "fashion_mnist": Dataset("prepare_images"),
+    "tunes": Dataset("prepare_tunes"),
+    "toy2d": Dataset("prepare_toy2d"),
+    "scenes": Dataset("prepare_scenes"),  # Fashion-MNIST items composed into scenes: detection and segmentation
+    "embeddings": Dataset("embed_images", own_seed=True),
+}
+
+FAMILIES = {
+    "perceptron": Family("toy2d", "test_accuracy_deep_relu", "> deep_linear's"),
+    "mlp": Family("fashion_mnist", "test_accuracy", "≥ 0.89"),
+    "cnn": Family("fashion_mnist", "test_accuracy", "≥ 0.915"),
+    # The sequence families measure the tunes their generate stage wrote.
+    "rnn": Family("tunes", "val_bits_per_char", "> lstm's", generates=True, evaluation_reads=("reports/samples/rnn",)),
+    "lstm": Family("tunes", "val_bits_per_char", "≤ 1.6", generates=True, evaluation_reads=("reports/samples/lstm",)),
+    # The generative families measure FID on the fixed extractor of `embed_images`.
+    "autoencoder": Family("fashion_mnist", "fid", "> vae's", generates=True, evaluation_reads=(EMBEDDINGS,)),
+    "vae": Family("fashion_mnist", "fid", "> gan's", generates=True, evaluation_reads=(EMBEDDINGS,)),
+    "betavae": Family("fashion_mnist", "fid", generates=True, evaluation_reads=(EMBEDDINGS,)),
+    "gan": Family("fashion_mnist", "fid", "lowest", generates=True, evaluation_reads=(EMBEDDINGS,)),
+}
+
+FAMILY_COMMANDS = ("train", "evaluate", "generate")
+
+
+def entry_modules(command: str, target: str) -> list[str]:
+    """The deepzoo modules `deepzoo COMMAND TARGET` imports by name (the rest it imports from these)."""
+    if command == "prepare":
+        return [f"deepzoo.data.{target}"]
+    return ["deepzoo.engine.stages", f"deepzoo.families.{target}"]
+
+
+def dataset_module(name: str) -> ModuleType:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    return importlib.import_module(entry_modules("prepare", name)[0])
+
+
+def family_module(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family '{name}'; choose one of {', '.join(FAMILIES)}")
+    return importlib.import_module(entry_modules("train", name)[-1])

@@ -1,0 +1,88 @@
+"""`summarize`: one table of every family's results, from the metrics files of its evaluation (pandas).
+
+Writes `reports/summary.csv` (every number), `reports/summary.md` (the README's results table, pasted between its
+markers by `python -m deepzoo.summary --readme`, which `make run` runs; the tests hold them equal) and
+`reports/summary.png`. Run as `python -m deepzoo.summary` (the `summarize` stage).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from deepzoo import registry
+from deepzoo.storage import atomic_path, save_figure
+
+METRICS, OUTPUT = Path("reports/metrics"), Path("reports")
+README = Path("README.md")
+BEGIN, END = "<!-- summary: generated from reports/summary.md -->", "<!-- /summary -->"
+
+
+def table(metrics_dir: Path = METRICS) -> pd.DataFrame:
+    """One row per family: its headline metric, the goal, training time and size."""
+    rows = []
+    for name, family in registry.FAMILIES.items():
+        metrics = json.loads((metrics_dir / f"{name}.json").read_text())
+        rows.append({"family": name, "data": family.data, "headline": family.headline,
+                     "value": metrics[family.headline], "goal": family.goal or "",
+                     "train_minutes": round(metrics["train_seconds"] / 60, 1),
+                     "epochs": metrics.get("epochs_run"), "parameters": metrics["parameters"]})
+    return pd.DataFrame(rows).set_index("family")
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """The table as GitHub markdown (pandas' own `to_markdown` needs `tabulate`, one more dependency)."""
+    shown = frame.assign(value=frame["value"].map(lambda v: f"**{v:g}**"),
+                         epochs=frame["epochs"].map(lambda e: "" if pd.isna(e) else f"{int(e)}"),
+                         parameters=frame["parameters"].map(lambda p: f"{int(p):,}"),
+                         headline=frame["headline"].map(lambda h: f"`{h}`")).reset_index()
+    shown["family"] = shown["family"].map(lambda f: f"`{f}`")
+    header = ["family", "data", "headline metric", "value", "goal", "train min", "epochs", "parameters"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def figure(frame: pd.DataFrame) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ordered = frame.sort_values("train_minutes")
+    ax.barh(ordered.index, ordered["train_minutes"], color="tab:blue")
+    for y, (minutes, headline, value) in enumerate(ordered[["train_minutes", "headline", "value"]].itertuples(False)):
+        ax.text(minutes, y, f" {headline} {value:g}", va="center", fontsize=7)
+    ax.set(xlabel="training minutes (default params)", title="deepzoo: training time and headline result per family")
+    ax.set_xlim(0, ordered["train_minutes"].max() * 1.6)
+    return fig
+
+
+def with_table(readme: str, summary: str) -> str:
+    """`readme` with the text between the summary markers replaced by `summary`."""
+    pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
+    if not pattern.search(readme):
+        raise ValueError(f"{README} has no {BEGIN} … {END} block for the results table")
+    return pattern.sub(lambda _: f"{BEGIN}\n{summary}{END}", readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if "--readme" in (sys.argv[1:] if argv is None else argv):
+        README.write_text(with_table(README.read_text(), (OUTPUT / "summary.md").read_text()))
+        return 0
+    frame = table()
+    with atomic_path(OUTPUT / "summary.csv") as tmp:
+        frame.to_csv(tmp)
+    with atomic_path(OUTPUT / "summary.md") as tmp:
+        tmp.write_text(markdown(frame))
+    save_figure(OUTPUT / "summary.png", figure(frame))
+    print(markdown(frame), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

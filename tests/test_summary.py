@@ -1,0 +1,34 @@
+"""The cross-family summary: a pandas table of the metrics files, which is the README's results table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from configs import ROOT
+
+from deepzoo import registry, summary
+
+
+def test_the_table_has_one_row_per_family_with_its_headline(tmp_path):
+    for i, (name, family) in enumerate(registry.FAMILIES.items()):
+        metrics = {family.headline: 0.5 + i, "train_seconds": 60.0 * i, "epochs_run": i + 1, "parameters": 1000 * i}
+        (tmp_path / f"{name}.json").write_text(json.dumps(metrics))
+    frame = summary.table(tmp_path)
+    assert list(frame.index) == list(registry.FAMILIES)
+    assert frame.loc["cnn", "value"] == 2.5 and frame.loc["cnn", "train_minutes"] == 2.0
+    text = summary.markdown(frame)
+    assert text.count("\n") == 2 + len(registry.FAMILIES)
+    assert "| `cnn` | fashion_mnist | `test_accuracy` | **2.5** | ≥ 0.915 | 2.0 | 3 | 2,000 |" in text
+
+
+def test_the_readme_results_table_is_the_committed_summary():
+    readme = (ROOT / "README.md").read_text()
+    assert summary.with_table(readme, (ROOT / "reports/summary.md").read_text()) == readme, (
+        "README.md's results table differs from reports/summary.md: run `make run` (or "
+        "`PYTHONPATH=src python -m deepzoo.summary --readme`)")
+
+
+def test_a_readme_without_the_markers_is_an_error():
+    with pytest.raises(ValueError, match="no <!-- summary"):
+        summary.with_table("# a readme\n", "| table |\n")
