@@ -12,13 +12,13 @@ PIP := $(BIN)/python -m pip install -q
 QUIET := 2>&1 | sed '/^WARNING: Location/d'  # this machine's pip config names local mirrors that may be absent
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test bench setup system-packages ui wiring clean-outputs
+.PHONY: run test bench setup system-packages ui screenshots wiring clean-outputs
 
 run: setup
 	dvc repro
 	PYTHONPATH=src $(BIN)/python -m deepzoo.summary --readme  # the results table = reports/summary.md
 	@echo
-	@echo "Done. Metrics: dvc metrics show   Runs: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+	@echo "Done. Metrics: .venv/bin/dvc metrics show   Runs: make ui  (then open http://127.0.0.1:5000)"
 
 test: setup
 	pytest -q
@@ -33,6 +33,12 @@ wiring: setup
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+# The README's MLflow UI pictures, from this mlflow.db: Debian's Chromium, driven by Playwright (no browser download).
+screenshots: setup
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(PIP) playwright $(QUIET)
+	$(BIN)/python docs/screenshots.py
 
 setup: system-packages $(VENV)/.installed
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from configs import smoke_params
 from conftest import dvc, set_param, stages_run
 
 from deepzoo import registry
+from deepzoo.engine.tracking import mlflow_key
 
 FID_FAMILIES = {name for name, family in registry.FAMILIES.items() if registry.EMBEDDINGS in family.evaluation_reads}
 
@@ -118,6 +124,9 @@ def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_mode
     for stage, run in stages.items():  # evaluations and generations nest under the training they measure
         if stage.startswith(("evaluate@", "generate@")):
             assert tags[run]["mlflow.parentRunId"] == stages[f"train@{stage.partition('@')[2]}"], stage
+    for family in FID_FAMILIES:  # each FID names the extractor it was measured with
+        assert tags[stages[f"evaluate@{family}"]]["fid_extractor_run_id"] == stages["embed_images"], family
+        assert len(tags[stages[f"evaluate@{family}"]]["fid_extractor_sha256"]) == 64
     cnn_run = stages["train@cnn"]
     assert dict(db.execute("select name, status from runs where run_uuid = ?", (cnn_run,))) == {"cnn": "FINISHED"}
     params = dict(db.execute("select key, value from params where run_uuid = ?", (cnn_run,)))
@@ -126,8 +135,12 @@ def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_mode
     metric_steps = db.execute("select key, step from metrics where run_uuid = ?", (cnn_run,)).fetchall()
     assert {("train/loss", 1), ("train/loss", 2), ("val/accuracy", 2)} <= set(metric_steps)
     keys = {key for key, _ in metric_steps}  # its first evaluation's, copied, under names without doubled prefixes
-    assert {"test/accuracy", "test/loss", "time/train_seconds", "per_class/accuracy_sandal"} <= keys
+    assert {"test/accuracy", "test/loss", "time/train_seconds", "model/parameters"} <= keys
     assert not any(key.startswith("test/test_") for key in keys)
+    assert not any("accuracy_" in key for key in keys)  # per-class numbers are a table, not 10 more charts
+    evaluation = stages["evaluate@cnn"]
+    artifacts = db.execute("select artifact_uri from runs where run_uuid = ?", (evaluation,)).fetchone()[0]
+    assert Path(artifacts.removeprefix("file://"), "plots/evaluation/per_class_accuracy.csv").is_file()
     assert {"family", "git_commit", "device", "torch_version", "dvc_stage"} <= set(tags[cnn_run])
 
     loader = ("import mlflow, sys, torch; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
@@ -136,6 +149,65 @@ def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_mode
     done = subprocess.run([sys.executable, "-c", loader, cnn_run], cwd=baseline, capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.stdout.strip().endswith("(3, 10)"), done.stderr[-2000:]
+
+
+def test_every_model_is_registered_with_its_metrics_and_the_cnn_champion_serves_over_http(baseline, tmp_path):
+    db = sqlite3.connect(baseline / "mlflow.db")
+    champions = dict(db.execute("select name, version from registered_model_aliases where alias = 'champion'"))
+    for family in registry.FAMILIES:
+        trained = json.loads((baseline / "models" / family / "training.json").read_text())["variants"]
+        for name, variant in trained.items():  # the baseline trained outside experiments: each is its champion
+            assert champions[variant["registered_model"]] == int(variant["model_version"]), family
+            linked = {key for (key,) in db.execute(  # the model's page shows the metrics that measured it
+                "select metric_name from logged_model_metrics where model_id = ?", (variant["model_id"],))}
+            if len(trained) == 1:
+                assert mlflow_key(registry.FAMILIES[family].headline) in linked, (family, linked)
+            else:  # one of several variants: only its own metrics
+                assert linked and all(key.endswith(f"_{name}") for key in linked), (family, name, linked)
+
+    test = torch.load(baseline / "data/processed/fashion_mnist/test.pt")
+    images = (test["images"][:8].unsqueeze(1).float() / 255).numpy()  # the model's input: [N, 1, 28, 28] in [0, 1]
+    np.save(tmp_path / "images.npy", images)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    local = subprocess.run(  # what the registered model predicts when loaded in a Python process
+        [sys.executable, "-c", "import json, sys, mlflow, numpy as np; m = mlflow.pyfunc.load_model("
+         "'models:/deepzoo-cnn@champion'); print(json.dumps(m.predict(np.load(sys.argv[1])).tolist()))",
+         str(tmp_path / "images.npy")], cwd=baseline, env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-2000:]
+    expected = np.array(json.loads(local.stdout.splitlines()[-1]))
+
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/deepzoo-cnn@champion", "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], cwd=baseline, env=env,
+                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"),
+                              start_new_session=True)
+    try:
+        for _ in range(240):  # bounded: at most 120 s for the server to start
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow models serve did not answer /ping within 120 s")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = np.array(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert served.shape == (8, 10)  # logits in the order of fashion_mnist.CLASSES
+    assert np.allclose(served, expected, atol=1e-4) and (served.argmax(1) == expected.argmax(1)).all()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def git_commit_all(repo: Path, message: str) -> None:

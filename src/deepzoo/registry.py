@@ -27,6 +27,7 @@ class Family:
     data: str  # the dataset it trains on (a key of DATASETS)
     headline: str  # the metric that sums it up in the results table
     goal: str = ""  # what the headline should reach, as the table shows it
+    higher_is_better: bool = True  # of the headline: which model of the family is its champion
     generates: bool = False  # has a generate@<family> stage
     # What its evaluation reads besides its own model and data: outputs of other stages.
     evaluation_reads: tuple[str, ...] = ()
@@ -47,16 +48,22 @@ FAMILIES = {
     "mlp": Family("fashion_mnist", "test_accuracy", "≥ 0.89"),
     "cnn": Family("fashion_mnist", "test_accuracy", "≥ 0.915"),
     # The sequence families measure the tunes their generate stage wrote.
-    "rnn": Family("tunes", "val_bits_per_char", "> lstm's", generates=True, evaluation_reads=("reports/samples/rnn",)),
-    "lstm": Family("tunes", "val_bits_per_char", "≤ 1.6", generates=True, evaluation_reads=("reports/samples/lstm",)),
+    "rnn": Family("tunes", "val_bits_per_char", "> lstm's", higher_is_better=False, generates=True,
+                  evaluation_reads=("reports/samples/rnn",)),
+    "lstm": Family("tunes", "val_bits_per_char", "≤ 1.6", higher_is_better=False, generates=True,
+                   evaluation_reads=("reports/samples/lstm",)),
     # The generative families measure FID on the fixed extractor of `embed_images`.
-    "autoencoder": Family("fashion_mnist", "fid", "> vae's", generates=True, evaluation_reads=(EMBEDDINGS,)),
-    "vae": Family("fashion_mnist", "fid", "> gan's", generates=True, evaluation_reads=(EMBEDDINGS,)),
-    "betavae": Family("fashion_mnist", "fid", generates=True, evaluation_reads=(EMBEDDINGS,)),
-    "gan": Family("fashion_mnist", "fid", "lowest", generates=True, evaluation_reads=(EMBEDDINGS,)),
+    **{name: Family("fashion_mnist", "fid", goal, higher_is_better=False, generates=True, evaluation_reads=(EMBEDDINGS,))
+       for name, goal in [("autoencoder", "> vae's"), ("vae", "> gan's"), ("betavae", ""), ("gan", "lowest")]},
 }
 
 FAMILY_COMMANDS = ("train", "evaluate", "generate")
+
+
+def registered_model(family: str, variant: str, variants: int) -> str:
+    """The MLflow model registry's name of a family's model: `deepzoo-cnn`, or `deepzoo-perceptron-deep_relu`
+    for a family of several variants."""
+    return f"deepzoo-{family}" if variants == 1 else f"deepzoo-{family}-{variant}"
 
 
 def entry_modules(command: str, target: str) -> list[str]:

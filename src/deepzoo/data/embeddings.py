@@ -51,15 +51,16 @@ def prepare(params: Params, seed: int, output: Path = OUTPUT) -> dict[str, float
                      lambda epoch, row: tracker.log_metrics(row, epoch), params.train.mixed_precision)
         accuracy = evaluate(model, splits["test"], 1000, device)["accuracy"]
         summary = write_reference(model, splits, params.samples, output,
-                                  {"test_accuracy": round(accuracy, 4), "epochs_run": result.epochs_run})
-        tracker.log_metrics({f"test/{k}": v for k, v in summary.items()})
+                                  {"test_accuracy": round(accuracy, 4), "epochs_run": result.epochs_run},
+                                  tracker.run_id)
+        tracker.log_metrics({tracking.mlflow_key(k): v for k, v in summary.items()})
     return summary
 
 
 def write_reference(model: cnn.CNN, splits: dict[str, Batch], samples: int, output: Path = OUTPUT,
-                    facts: dict[str, float] | None = None) -> dict[str, float]:
+                    facts: dict[str, float] | None = None, run_id: str = "unknown") -> dict[str, float]:
     """Export `model`'s features and store the first n test and training images' side of every FID in `output`,
-    with `facts` about the extractor in `extractor.json`."""
+    with `facts` about the extractor and the MLflow run that trained it in `extractor.json`."""
     n = min(samples, len(splits["test"][0]), len(splits["train"][0]))
     with atomic_path(output) as tmp:
         tmp.mkdir()
@@ -71,5 +72,5 @@ def write_reference(model: cnn.CNN, splits: dict[str, Batch], samples: int, outp
                     "floor": floor,
                     "train_features": train.float()}, tmp / fid.REFERENCE)
         summary = {**(facts or {}), "samples": n, "fid_real_floor": round(floor, 3)}
-        (tmp / "extractor.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / fid.FACTS).write_text(json.dumps(summary | {"run_id": run_id}, indent=2) + "\n")
     return summary

@@ -27,7 +27,7 @@ from deepzoo import DeepzooError, config, registry
 from deepzoo.engine import distributed, tracking
 from deepzoo.engine.device import configure_threads, resolve, seed_everything
 from deepzoo.engine.trainer import Batch, FitResult, Trainable, fit
-from deepzoo.storage import atomic_path, save_torch, write_json
+from deepzoo.storage import atomic_path, save_figure, save_torch, write_json
 
 MODELS, METRICS, PLOTS, SAMPLES = Path("models"), Path("reports/metrics"), Path("reports/plots"), Path("reports/samples")
 RUN_FILE = "training.json"
@@ -49,7 +49,8 @@ class Variant:
 @dataclass
 class Context:
     """What a family's evaluate/generate step gets: its trained variants, config, device, output folder,
-    and the folder its generate stage writes (which its evaluation may measure)."""
+    and the folder its generate stage writes (which its evaluation may measure). A step adds to `tags` what
+    else its results came from (FID's extractor): tags of its MLflow run."""
 
     variants: dict[str, Variant]
     cfg: Any
@@ -57,6 +58,7 @@ class Context:
     out: Path
     seed: int
     samples: Path
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _setup(name: str) -> tuple[ModuleType, Any, int, torch.device]:
@@ -200,10 +202,14 @@ def _save_training(name: str, family: ModuleType, cfg: Any, variants: dict[str, 
                        {"state_dict": variant.model.state_dict(), "config": cfg.model_dump(mode="json"),
                         "variant": variant_name, "best_epoch": result.best_epoch})
             _write_history(history_dir / f"{variant_name}.csv", result.history)
+            registered = registry.registered_model(name, variant_name, len(variants))
+            logged = tracker.log_model(variant.model, variant_name, variant.model.example_input(variant.data["train"]),
+                                       registered)
             summary["variants"][variant_name] = {
                 "train_seconds": round(result.train_seconds, 2), "epochs_run": result.epochs_run,
-                "best_epoch": result.best_epoch, "samples_per_second": round(result.samples_per_second, 1)}
-            tracker.log_model(variant.model, variant_name, variant.model.example_input(variant.data["train"]))
+                "best_epoch": result.best_epoch, "samples_per_second": round(result.samples_per_second, 1),
+                "model_id": logged["model_id"], "registered_model": registered, "model_version": logged["version"]}
+        save_figure(history_dir / "curves.png", _history_figure(name, {v: r.history for v, r in results.items()}))
         summary["metric_logging_seconds"] = round(tracker.metric_seconds, 3)
         write_json(models_dir / RUN_FILE, summary)
     tracker.log_artifact(PLOTS / name / "history", "plots/history")
@@ -216,6 +222,35 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
         writer.writeheader()
         for epoch, row in enumerate(history, 1):
             writer.writerow({"epoch": epoch, **{k: f"{v:.6g}" for k, v in row.items()}})
+
+
+def _history_figure(name: str, histories: dict[str, list[dict[str, float]]]) -> Any:
+    """One panel per measure (`loss`, `accuracy`, …), its train and val curves by epoch for every variant: the
+    learning curves as an image, which `dvc plots show` also renders offline (its charts load vega from a CDN)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measures = sorted({key.partition("/")[2] for rows in histories.values() for row in rows for key in row if "/" in key})
+    columns = min(3, len(measures))
+    rows = -(-len(measures) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for ax, measure in zip(axes.flat, measures, strict=False):
+        for color, (variant, history) in enumerate(histories.items()):
+            epochs = range(1, len(history) + 1)
+            for split in ("train", "val"):
+                if history and f"{split}/{measure}" in history[0]:
+                    label = split if len(histories) == 1 else f"{variant} {split}"
+                    ax.plot(epochs, [row[f"{split}/{measure}"] for row in history], label=label, color=f"C{color}",
+                            linestyle="-" if split == "train" else "--")
+        ax.set(title=measure, xlabel="epoch")
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(measures):]:
+        ax.axis("off")
+    fig.suptitle(f"{name}: learning curves")
+    fig.tight_layout()
+    return fig
 
 
 def load_trained(name: str) -> tuple[ModuleType, Context, dict[str, Any]]:
@@ -254,23 +289,23 @@ def evaluate(name: str) -> None:
         metrics |= _training_metrics(summary) | {
             "parameters": sum(p.numel() for v in ctx.variants.values() for p in v.model.parameters())}
         write_json(METRICS / f"{name}.json", metrics)
-        logged = {mlflow_key(k): v for k, v in metrics.items()}
-        tracker.log_metrics(logged)
+        logged = {tracking.mlflow_key(k): v for k, v in metrics.items()}
+        trained = summary["variants"]
+        tracker.log_metrics(logged, models={v: trained[v]["model_id"] for v in trained if "model_id" in trained[v]})
         tracker.log_to_parent_once(logged)
+        tracker.set_tags(ctx.tags)
         tracker.log_artifact(PLOTS / name / "evaluation", "plots/evaluation")
+        _crown_if_best(name, metrics, trained, tracker)
 
 
-def mlflow_key(key: str) -> str:
-    """A metrics-file key as MLflow shows it, grouped without doubled prefixes: `test_accuracy` → `test/accuracy`,
-    `train_seconds` → `time/train_seconds`, `accuracy_sandal` → `per_class/accuracy_sandal`, `fid` → `test/fid`,
-    `parameters` → `model/parameters`."""
-    if key.endswith("_seconds"):
-        return f"time/{key}"
-    if key.startswith("accuracy_"):
-        return f"per_class/{key}"
-    if key in ("parameters", "epochs_run"):
-        return f"model/{key}"
-    return f"test/{key.removeprefix('test_')}"
+def _crown_if_best(name: str, metrics: dict[str, float], trained: dict[str, Any], tracker: tracking.Tracker) -> None:
+    """Alias the evaluated models `@champion` in the registry when the family's headline metric is its best yet."""
+    family = registry.FAMILIES[name]
+    for variant in trained.values():
+        if "registered_model" in variant and tracker.crown_if_best(
+                variant["registered_model"], variant["model_version"], family.headline, metrics[family.headline],
+                family.higher_is_better):
+            print(f"models:/{variant['registered_model']}@{tracking.CHAMPION} is now version {variant['model_version']}")
 
 
 def _training_metrics(summary: dict[str, Any]) -> dict[str, float]:

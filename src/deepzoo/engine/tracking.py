@@ -28,6 +28,7 @@ from deepzoo.storage import repository_root
 DEFAULT_URI = "sqlite:///mlflow.db"
 REACH_TIMEOUT_S = 5
 PID_TAG, HOST_TAG = "deepzoo.pid", "deepzoo.host"  # which process owns a RUNNING run
+CHAMPION = "champion"  # the registry alias of each family's best model trained outside DVC experiments
 
 
 class TrackingError(deepzoo.DeepzooError):
@@ -88,6 +89,16 @@ def provenance() -> dict[str, str]:
     return tags
 
 
+def mlflow_key(key: str) -> str:
+    """A metrics-file key as MLflow shows it, grouped without doubled prefixes: `test_accuracy` → `test/accuracy`,
+    `train_seconds` → `time/train_seconds`, `fid` → `test/fid`, `parameters` → `model/parameters`."""
+    if key.endswith("_seconds"):
+        return f"time/{key}"
+    if key in ("parameters", "epochs_run"):
+        return f"model/{key}"
+    return f"test/{key.removeprefix('test_')}"
+
+
 class Tracker:
     """The open run of one stage."""
 
@@ -99,14 +110,21 @@ class Tracker:
         flat = {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flatten(params).items()}
         self._mlflow.log_params(flat)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None,
+                    models: Mapping[str, str] | None = None) -> None:
         """One batched, synchronous request per call: per-epoch logging stays far below 1 % of training time, and
-        MLflow's asynchronous queue would cost every stage about 2 s to drain and could lose epochs to a SIGKILL."""
+        MLflow's asynchronous queue would cost every stage about 2 s to drain and could lose epochs to a SIGKILL.
+
+        `models` (variant → logged model id) links the metrics to the models they measure, so each model's page
+        shows them: all of them for a single model, else those whose key ends with `_<variant>`."""
         from mlflow.entities import Metric
 
         start = time.perf_counter()
         now = int(time.time() * 1000)
-        rows = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        models = models or {}
+        rows = [Metric(key, float(value), now, step or 0, model_id=model_id)
+                for key, value in metrics.items()
+                for model_id in [m for v, m in models.items() if len(models) == 1 or key.endswith(f"_{v}")] or [None]]
         self._mlflow.tracking.MlflowClient().log_batch(run_id or self.run_id, metrics=rows)
         self.metric_seconds += time.perf_counter() - start
 
@@ -124,14 +142,18 @@ class Tracker:
         if not set(metrics) & set(logged):
             self.log_metrics(metrics, run_id=self.parent_run_id)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._mlflow.set_tags(dict(tags))
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
             self._mlflow.log_artifacts(str(path), folder)
         else:
             self._mlflow.log_artifact(str(path), folder)
 
-    def log_model(self, model: nn.Module, name: str, example: torch.Tensor) -> None:
-        """Log a CPU copy of `model` with its signature, so it loads on machines without a GPU.
+    def log_model(self, model: nn.Module, name: str, example: torch.Tensor, registered_name: str) -> dict[str, str]:
+        """Log a CPU copy of `model` with its signature, so it loads on machines without a GPU, and register it as
+        a new version of `registered_name`. Returns its `model_id` and `version`.
 
         Pickled with deepzoo's own code beside it (`code_paths`): torch.export ("pt2") would fix the
         batch size to the example's, and loading needs no deepzoo install either way.
@@ -143,11 +165,35 @@ class Tracker:
         with torch.no_grad():
             output = cpu_model(example)
         signature = infer_signature(example.numpy(), output.numpy())
-        self._mlflow.pytorch.log_model(
+        info = self._mlflow.pytorch.log_model(
             cpu_model, name=name, signature=signature, input_example=example.numpy(),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             serialization_format="pickle", code_paths=[str(Path(deepzoo.__file__).parent)],
+            registered_model_name=registered_name,
         )
+        return {"model_id": info.model_id, "version": str(info.registered_model_version)}
+
+    def crown_if_best(self, registered_name: str, version: str, metric: str, value: float,
+                      higher_is_better: bool) -> bool:
+        """Record `metric` on the model version and give it the alias `@champion` when it beats the current
+        champion's (or there is none). Runs of a DVC experiment never take the alias: the champion is the best
+        model trained on the branch itself, what `models:/<name>@champion` should serve."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._mlflow.tracking.MlflowClient()
+        client.set_model_version_tag(registered_name, version, metric, str(value))
+        if "DVC_EXP_NAME" in os.environ:
+            return False
+        try:
+            champion = client.get_model_version_by_alias(registered_name, CHAMPION)
+        except MlflowException:  # no champion yet
+            champion = None
+        if champion is not None and str(champion.version) != version and metric in champion.tags:
+            held = float(champion.tags[metric])
+            if (value <= held) if higher_is_better else (value >= held):
+                return False
+        client.set_registered_model_alias(registered_name, CHAMPION, version)
+        return True
 
 
 @contextmanager

@@ -119,6 +119,7 @@ def fid_metrics(ctx: Context, model: Generative, data: dict[str, Batch]) -> dict
     beside their nearest training images in the same features: a memorisation check.
     """
     reference = fid.load_reference()
+    ctx.tags |= reference.lineage
     samples = model.sample(reference.n, torch.Generator().manual_seed(ctx.seed), ctx.cfg.evaluate.batch_size)
     sample_features = fid.features(reference.extractor, samples, ctx.cfg.evaluate.batch_size)
     distances = torch.cdist(sample_features[:8], reference.train_features.double())

@@ -9,6 +9,8 @@ reference statistics were computed on (`n` = `embeddings.samples`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from deepzoo.registry import EMBEDDINGS
 
-EXTRACTOR, REFERENCE = "extractor.pt2", "reference.pt"
+EXTRACTOR, REFERENCE, FACTS = "extractor.pt2", "reference.pt", "extractor.json"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Reference:
     test: Gaussian  # of the first n test images
     floor: float  # FID of the first n real training images vs those test images: the best a generator can do
     train_features: Tensor  # [n, D] of those training images, for nearest-neighbour figures
+    lineage: dict[str, str]  # which extractor: the MLflow run of `embed_images` and the exported file's SHA-256
 
     @property
     def n(self) -> int:
@@ -70,8 +73,10 @@ def load_reference(root: Path = Path(EMBEDDINGS)) -> Reference:
             raise FileNotFoundError(f"{path} not found: FID needs the feature extractor, run `dvc repro embed_images`")
     stored = torch.load(paths[1])
     test = Gaussian(stored["test_mean"].numpy(), stored["test_cov"].numpy())
-    return Reference(torch.export.load(paths[0]).module(), test,
-                     stored["floor"], stored["train_features"])
+    facts = json.loads((root / FACTS).read_text()) if (root / FACTS).is_file() else {}
+    lineage = {"fid_extractor_sha256": hashlib.sha256(paths[0].read_bytes()).hexdigest(),
+               "fid_extractor_run_id": facts.get("run_id", "unknown")}
+    return Reference(torch.export.load(paths[0]).module(), test, stored["floor"], stored["train_features"], lineage)
 
 
 @torch.no_grad()
