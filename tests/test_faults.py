@@ -266,15 +266,16 @@ def stage_processes(command: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])  # DVC runs stages through $SHELL; dash never execs
-def test_killing_dvc_repro_kills_its_stage_which_writes_nothing(workspace, shell):
+def test_killing_dvc_repro_kills_its_stage_which_writes_nothing(workspace):
     set_param(workspace, "cnn", "train", "epochs", 500)
     set_param(workspace, "cnn", "train", "patience", None)
     before = snapshot(workspace / "models/cnn")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     repro = subprocess.Popen(["dvc", "repro", "train@cnn"], cwd=workspace, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL,
-                             env=env | {"PATH": f"{VENV_BIN}:{env['PATH']}", "SHELL": shell})
+                             # DVC runs a stage through $SHELL: dash (CI's /bin/sh) keeps itself between DVC and
+                             # the stage unless the command execs, where bash would exec on its own
+                             env=env | {"PATH": f"{VENV_BIN}:{env['PATH']}", "SHELL": "/bin/sh"})
     command = "deepzoo train cnn"
     for _ in range(600):  # bounded: at most 60 s for DVC to start the stage
         if [pid for pid in stage_processes(command) if pid != repro.pid]:
