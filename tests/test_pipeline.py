@@ -44,6 +44,9 @@ def test_metrics_files_hold_the_design_keys(baseline):
     keys = {"perceptron": {"test_accuracy_single", "test_accuracy_deep_linear", "test_accuracy_deep_relu"},
             "mlp": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
             "cnn": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
+            "fcn": {"mean_iou", "foreground_iou", "pixel_accuracy", "train_seconds"},
+            **{detector: {"map_50", "map_50_95", "seconds_per_image", "proposals_per_image", "train_seconds"}
+               for detector in ("rcnn", "faster_rcnn")},
             "rnn": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds",
                     "reference_valid_tune_fraction"},
             "lstm": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds",
@@ -59,7 +62,7 @@ def test_metrics_files_hold_the_design_keys(baseline):
         assert all(isinstance(v, int | float) for v in metrics.values()), family
     summary = pd.read_csv(baseline / "reports/summary.csv", index_col="family")
     assert list(summary.index) == list(registry.FAMILIES) and summary["parameters"].gt(0).all()
-    assert (baseline / "reports/summary.md").read_text().count("\n") == 2 + len(registry.FAMILIES)
+    assert (baseline / "reports/summary.md").read_text().count("\n") == 2 + len(registry.FAMILIES) + 7  # + the detectors table
     floors = {json.loads((baseline / f"reports/metrics/{f}.json").read_text())["fid_real_floor"] for f in FID_FAMILIES}
     assert len(floors) == 1  # one reference for every FID
 
@@ -101,8 +104,9 @@ def test_rerunning_a_stage_gives_bit_identical_checkpoints_and_identical_metrics
         return found
 
     before = outputs()
+    # Generation only where the evaluation measures the samples (the tunes); FID draws its own.
     stages = [f"{stage}@{family}" for family in families for stage in ("train", "generate", "evaluate")
-              if stage != "generate" or registry.FAMILIES[family].generates]
+              if stage != "generate" or "reports/samples/" + family in registry.FAMILIES[family].evaluation_reads]
     dvc(workspace, "repro", "--force", "--single-item", *stages)
     for family, (checkpoints, metrics) in outputs().items():
         assert checkpoints and checkpoints == before[family][0], f"{family}: checkpoints differ between two runs"
@@ -112,7 +116,8 @@ def test_rerunning_a_stage_gives_bit_identical_checkpoints_and_identical_metrics
 def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_model(baseline):
     db = sqlite3.connect(baseline / "mlflow.db")
     experiments = dict(db.execute("select experiment_id, name from experiments"))
-    assert {"toy2d", "fashion-mnist-classification", "folk-tunes", "fashion-mnist-generation"} <= set(
+    assert {"toy2d", "fashion-mnist-classification", "folk-tunes", "fashion-mnist-generation",
+            "fashion-mnist-scenes"} <= set(
         experiments.values())
     runs = db.execute("select run_uuid, name, status from runs").fetchall()
     tags = {run: dict(db.execute("select key, value from tags where run_uuid = ?", (run,))) for run, *_ in runs}

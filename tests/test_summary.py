@@ -32,3 +32,15 @@ def test_the_readme_results_table_is_the_committed_summary():
 def test_a_readme_without_the_markers_is_an_error():
     with pytest.raises(ValueError, match="no <!-- summary"):
         summary.with_table("# a readme\n", "| table |\n")
+
+
+def test_the_detectors_compare_side_by_side_with_the_speedup(tmp_path):
+    for name, seconds in [("rcnn", 0.08), ("faster_rcnn", 0.004)]:
+        metrics = {"map_50": 0.9, "map_50_95": 0.6, "seconds_per_image": seconds, "proposals_per_image": 32,
+                   "train_seconds": 300.0}
+        (tmp_path / f"{name}.json").write_text(json.dumps(metrics))
+    frame = summary.detectors(tmp_path)
+    assert list(frame.index) == ["rcnn", "faster_rcnn"]
+    text = summary.detection_markdown(frame)
+    assert "| `faster_rcnn` | 0.9 | 0.6 | 0.004 | 32 | 5 |" in text
+    assert "**20.0×** faster per image" in text

@@ -47,6 +47,9 @@ FAMILIES = {
     "perceptron": Family("toy2d", "test_accuracy_deep_relu", "> deep_linear's"),
     "mlp": Family("fashion_mnist", "test_accuracy", "≥ 0.89"),
     "cnn": Family("fashion_mnist", "test_accuracy", "≥ 0.915"),
+    "fcn": Family("scenes", "mean_iou", "≥ 0.80"),
+    "rcnn": Family("scenes", "map_50", "< faster_rcnn's"),
+    "faster_rcnn": Family("scenes", "map_50", "≥ 0.90"),
     # The sequence families measure the tunes their generate stage wrote.
     "rnn": Family("tunes", "val_bits_per_char", "> lstm's", higher_is_better=False, generates=True,
                   evaluation_reads=("reports/samples/rnn",)),

@@ -39,6 +39,7 @@ from deepzoo.data import fashion_mnist
 from deepzoo.storage import atomic_path, save_figure
 
 OUTPUT = Path("data/processed/scenes")
+EXPERIMENT = "fashion-mnist-scenes"  # the MLflow experiment of the families trained on scenes
 SPLITS = ("train", "val", "test")
 KEYS = {"images": torch.uint8, "masks": torch.uint8, "boxes": torch.float32, "labels": torch.int64,
         "offsets": torch.int64}  # fmt: skip
@@ -222,6 +223,18 @@ def items(data: dict[str, Tensor], scene: int) -> tuple[Tensor, Tensor]:
     """(boxes [k, 4], labels [k]) of one scene."""
     start, end = data["offsets"][scene : scene + 2].tolist()
     return data["boxes"][start:end], data["labels"][start:end]
+
+
+def detection_tensors(data: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(images [S, H, W], boxes [S, M, 4], labels [S, M]) with M the most items in a scene, the missing ones as label
+    −1 and box 0: rectangular tensors, which the trainer slices into batches like any other data."""
+    counts = data["offsets"].diff()
+    slot = torch.arange(len(data["labels"])) - data["offsets"][:-1].repeat_interleave(counts)
+    scene = torch.arange(len(counts)).repeat_interleave(counts)
+    boxes = torch.zeros(len(counts), int(counts.max()), 4)
+    labels = torch.full((len(counts), int(counts.max())), -1, dtype=torch.int64)
+    boxes[scene, slot], labels[scene, slot] = data["boxes"], data["labels"]
+    return data["images"], boxes, labels
 
 
 def examples_figure(data: dict[str, Tensor], count: int = 6) -> plt.Figure:

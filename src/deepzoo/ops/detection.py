@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,12 +85,13 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Indices [K] of the boxes kept by greedy non-maximum suppression, by decreasing score.
 
     Each box, best first, is kept unless a kept box overlaps it with IoU > `iou_threshold`. The [N, N] IoU matrix
-    is computed once and dominates the cost; the Python loop only ORs rows of a boolean matrix (milliseconds).
+    is computed once and dominates the cost; the Python loop only ORs rows of a boolean matrix, in NumPy, whose
+    per-element indexing costs a tenth of a tensor's (a training step runs this once per image).
     Equal scores keep their input order (stable sort), so the result is deterministic.
     """
     order = torch.argsort(scores, descending=True, stable=True)
-    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu()  # [N, N], in score order
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()  # [N, N], in score order
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
         if not suppressed[i]:

@@ -1,0 +1,188 @@
+"""`faster_rcnn`: object detection that learns its own region proposals (Ren et al. 2015; lecture 3).
+
+R-CNN crops every heuristic proposal out of the image and runs a CNN on each. Faster R-CNN runs one conv
+backbone over the whole image instead and shares its feature map between two small heads:
+- the region proposal network (RPN) slides over the map and, at every cell, scores A anchor boxes (a few sizes
+  and aspect ratios) as object or not and regresses each towards the object it covers;
+- the detection head pools each of the best proposals' features to a fixed 7×7 grid (RoI Align) and classifies
+  it (10 classes + background) with one box refinement per class.
+Both are trained together, from one loss: the RPN's (sampled anchors) plus the head's (sampled proposals).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from deepzoo.config import Section, TrainConfig, Width
+from deepzoo.data import fashion_mnist, scenes
+from deepzoo.engine.stages import Context, Variant
+from deepzoo.engine.trainer import Batch, Trainable
+from deepzoo.metrics import detection
+from deepzoo.ops.detection import (anchors, batched_nms, box_iou, clip_boxes, decode_boxes, encode_boxes,
+                                   match_anchors, nms, remove_small, roi_align, sample_labels)
+
+EXPERIMENT = scenes.EXPERIMENT
+HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box head's targets are small offsets: scaled to about unit variance
+MIN_PROPOSAL = 2.0  # pixels: thinner proposals only add noise to NMS and pooling
+ROI_SIZE = 7  # RoI Align's output grid, as in the paper
+
+
+class ModelConfig(Section):
+    widths: tuple[Width, ...] = Field(min_length=2)  # backbone levels; each after the first halves the map
+    anchor_sizes: tuple[float, ...] = Field(min_length=1)  # √area of the anchors, pixels
+    anchor_ratios: tuple[float, ...] = Field(min_length=1)  # height / width
+    rpn_batch: int = Field(ge=2)  # anchors sampled per image for the RPN loss, up to half of them positive
+    proposals_train: int = Field(ge=1)  # RPN proposals kept after NMS per image, while training
+    proposals_test: int = Field(ge=1)  # and when detecting
+    rpn_nms: float = Field(gt=0, le=1)  # IoU above which a lower-scored proposal is suppressed
+    head_batch: int = Field(ge=2)  # proposals sampled per image for the head's loss
+    head_positive_fraction: float = Field(gt=0, le=1)
+    hidden: int = Field(ge=1)  # width of the head's dense layer
+    # The detector's post-processing, part of the model: the logged model serves its detections with them.
+    score_threshold: float = Field(ge=0, lt=1)  # detections below this score are dropped
+    nms: float = Field(gt=0, le=1)  # per-class IoU above which a lower-scored detection is suppressed
+    max_detections: int = Field(ge=1, le=100)  # COCO counts at most 100 per image
+
+
+class EvaluateConfig(Section):
+    figure_scenes: int = Field(ge=1)
+
+
+class Config(Section):
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+
+
+def backbone(widths: tuple[int, ...]) -> nn.Sequential:
+    """Conv → BN → ReLU per level, halving the map between levels: stride 2^(levels − 1)."""
+    layers: list[nn.Module] = []
+    for level, (inputs, outputs) in enumerate(zip((1, *widths), widths, strict=False)):
+        layers += [nn.MaxPool2d(2)] if level else []
+        layers += [nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class FasterRCNN(Trainable):
+    def __init__(self, cfg: ModelConfig, canvas: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stride = 2 ** (len(cfg.widths) - 1)
+        self.backbone = backbone(cfg.widths)
+        channels, per_cell = cfg.widths[-1], len(cfg.anchor_sizes) * len(cfg.anchor_ratios)
+        self.rpn = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+        self.objectness = nn.Conv2d(channels, per_cell, 1)
+        self.rpn_deltas = nn.Conv2d(channels, per_cell * 4, 1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * ROI_SIZE**2, cfg.hidden), nn.ReLU())
+        self.classify = nn.Linear(cfg.hidden, len(fashion_mnist.CLASSES) + 1)  # 0 = background
+        self.box_deltas = nn.Linear(cfg.hidden, len(fashion_mnist.CLASSES) * 4)
+        cells = canvas // self.stride
+        self.canvas = canvas
+        self.register_buffer("anchors", anchors(cells, cells, self.stride, cfg.anchor_sizes, cfg.anchor_ratios),
+                             persistent=False)
+
+    def prepare(self, batch: Batch) -> Batch:
+        images, *targets = batch
+        return images.unsqueeze(1).float().div_(255), *targets
+
+    def propose(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """Features, per-anchor objectness logits [B, N] and deltas [B, N, 4], and each image's proposals."""
+        features = self.backbone(images)
+        hidden = self.rpn(features)
+        batch = len(images)
+        objectness = self.objectness(hidden).permute(0, 2, 3, 1).reshape(batch, -1)  # the order of `anchors`
+        deltas = self.rpn_deltas(hidden).reshape(batch, -1, 4, *hidden.shape[2:]).permute(0, 3, 4, 1, 2)
+        deltas = deltas.reshape(batch, -1, 4)
+        keep = self.cfg.proposals_train if self.training else self.cfg.proposals_test
+        proposals = []
+        for scores, offsets in zip(objectness.detach(), deltas.detach(), strict=True):
+            boxes = clip_boxes(decode_boxes(self.anchors, offsets), self.canvas, self.canvas)
+            sizable = remove_small(boxes, MIN_PROPOSAL)
+            top = sizable[scores[sizable].topk(min(len(sizable), 2 * keep)).indices]  # NMS costs N²: prune first
+            proposals.append(boxes[top[nms(boxes[top], scores[top], self.cfg.rpn_nms)[:keep]]])
+        return features, objectness, deltas, proposals
+
+    def head_outputs(self, features: Tensor, proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Class logits [R, 11] and per-class box deltas [R, 10, 4] of every image's proposals, concatenated."""
+        index = torch.cat([torch.full((len(p),), b, device=features.device) for b, p in enumerate(proposals)])
+        pooled = roi_align(features, torch.cat(proposals), index, ROI_SIZE, 1 / self.stride, sampling=1)
+        hidden = self.head(pooled)
+        return self.classify(hidden), self.box_deltas(hidden).reshape(len(hidden), -1, 4)
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        images, gt_boxes, gt_labels = batch
+        features, objectness, deltas, proposals = self.propose(images)
+        rpn_targets, rpn_offsets, sampled, classes, offsets = [], [], [], [], []
+        for b, boxes in enumerate(proposals):
+            present = gt_labels[b] >= 0
+            truth, labels = gt_boxes[b][present], gt_labels[b][present]
+            anchor_labels, matched = match_anchors(self.anchors, truth)
+            rpn_targets.append(sample_labels(anchor_labels, self.cfg.rpn_batch, 0.5, torch.default_generator))
+            rpn_offsets.append(encode_boxes(self.anchors, truth[matched]))
+            # The ground truth joins the proposals, so the head sees perfect boxes from the first step on.
+            boxes = torch.cat([boxes, truth])
+            best_iou, nearest = box_iou(boxes, truth).max(1)
+            positive = (best_iou >= 0.5).long()
+            chosen = sample_labels(positive, self.cfg.head_batch, self.cfg.head_positive_fraction,
+                                   torch.default_generator) >= 0
+            sampled.append(boxes[chosen])
+            classes.append(torch.where(positive.bool(), labels[nearest] + 1, 0)[chosen])
+            offsets.append(encode_boxes(boxes[chosen], truth[nearest[chosen]], HEAD_WEIGHTS))
+        rpn_target, rpn_offset = torch.stack(rpn_targets), torch.stack(rpn_offsets)
+        counted, positive_anchors = rpn_target >= 0, rpn_target == 1
+        rpn_class = F.binary_cross_entropy_with_logits(objectness[counted], rpn_target[counted].float())
+        rpn_box = F.smooth_l1_loss(deltas[positive_anchors], rpn_offset[positive_anchors], beta=1 / 9,
+                                   reduction="sum") / counted.sum()
+        logits, box_deltas = self.head_outputs(features, sampled)
+        target, offset = torch.cat(classes), torch.cat(offsets)
+        foreground = target > 0
+        head_class = F.cross_entropy(logits, target)
+        head_box = F.smooth_l1_loss(box_deltas[foreground, target[foreground] - 1], offset[foreground], beta=1.0,
+                                    reduction="sum") / len(target)
+        loss = rpn_class + rpn_box + head_class + head_box
+        return loss, {"rpn_class_loss": rpn_class, "rpn_box_loss": rpn_box, "head_class_loss": head_class,
+                      "head_box_loss": head_box, "roi_accuracy": (logits.argmax(1) == target).float().mean()}
+
+    @torch.no_grad()
+    def detect(self, images: Tensor) -> list[detection.Detections]:
+        """Each image's detections: per-class refined boxes, scores above the threshold, per-class NMS."""
+        cfg = self.cfg
+        features, _, _, proposals = self.propose(images)
+        logits, box_deltas = self.head_outputs(features, proposals)
+        found = []
+        for boxes, scores, offsets in zip(proposals, logits.softmax(1).split([len(p) for p in proposals]),
+                                          box_deltas.split([len(p) for p in proposals]), strict=True):
+            classes = len(fashion_mnist.CLASSES)
+            refined = decode_boxes(boxes.repeat_interleave(classes, 0), offsets.reshape(-1, 4), HEAD_WEIGHTS)
+            refined = clip_boxes(refined, self.canvas, self.canvas)
+            labels = torch.arange(classes, device=boxes.device).repeat(len(boxes))
+            scores = scores[:, 1:].reshape(-1)
+            kept = torch.where(scores >= cfg.score_threshold)[0]
+            kept = kept[batched_nms(refined[kept], scores[kept], labels[kept], cfg.nms)[: cfg.max_detections]]
+            found.append(detection.Detections(refined[kept], scores[kept], labels[kept], len(boxes)))
+        return found
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images [B, 1, H, W] in [0, 1] → detections [B, max_detections, 6] of (x1, y1, x2, y2, score, class),
+        best first, zero rows after the last: one tensor, so the logged model serves like any other."""
+        rows = images.new_zeros(len(images), self.cfg.max_detections, 6)
+        for b, found in enumerate(self.detect(images)):
+            rows[b, : len(found.labels)] = torch.cat([found.boxes, found.scores[:, None], found.labels[:, None].to(rows.dtype)], 1)
+        return rows
+
+
+def variants(cfg: Config) -> dict[str, Variant]:
+    data = {split: scenes.detection_tensors(scenes.load(split)) for split in scenes.SPLITS}
+    canvas = data["train"][0].shape[-1]
+    return {"faster_rcnn": Variant(FasterRCNN(cfg.model, canvas), data)}
+
+
+def evaluate(ctx: Context) -> dict[str, float]:
+    """COCO mAP, seconds and proposals per image on the test scenes, one image at a time."""
+    model = ctx.variants["faster_rcnn"].model.eval()
+    return detection.evaluate_detector(
+        lambda image: model.detect(model.prepare((image[None].to(ctx.device),))[0])[0],
+        scenes.load("test"), ctx.out, ctx.cfg.evaluate.figure_scenes)
