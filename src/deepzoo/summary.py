@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -52,25 +53,29 @@ def detectors(metrics_dir: Path = METRICS) -> pd.DataFrame:
 
 def detection_markdown(frame: pd.DataFrame) -> str:
     header = ["detector", "mAP@0.5", "mAP@[0.5:0.95]", "seconds per image", "proposals per image", "train min"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [f"| `{name}` | " + " | ".join(f"{v:g}" for v in row) + " |" for name, row in frame.iterrows()]
+    text = markdown_table(header, ([f"`{name}`", *(f"{v:g}" for v in row)] for name, row in frame.iterrows()))
     if {"rcnn", "faster_rcnn"} <= set(frame.index):
         speedup = frame.at["rcnn", "seconds_per_image"] / frame.at["faster_rcnn", "seconds_per_image"]
-        lines.append(f"\nFaster R-CNN detects **{speedup:.1f}×** faster per image than R-CNN (one image at a time).")
+        text += f"\nFaster R-CNN detects **{speedup:.1f}×** faster per image than R-CNN (one image at a time).\n"
+    return text
+
+
+def markdown_table(header: list[str], rows: Iterable[Iterable[object]]) -> str:
+    """GitHub markdown (pandas' own `to_markdown` needs `tabulate`, one more dependency)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    """The table as GitHub markdown (pandas' own `to_markdown` needs `tabulate`, one more dependency)."""
+    """The table as GitHub markdown."""
     shown = frame.assign(value=frame["value"].map(lambda v: f"**{v:g}**"),
                          epochs=frame["epochs"].map(lambda e: "" if pd.isna(e) else f"{int(e)}"),
                          parameters=frame["parameters"].map(lambda p: f"{int(p):,}"),
                          headline=frame["headline"].map(lambda h: f"`{h}`")).reset_index()
     shown["family"] = shown["family"].map(lambda f: f"`{f}`")
     header = ["family", "data", "headline metric", "value", "goal", "train min", "epochs", "parameters"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, shown.itertuples(index=False))
 
 
 def figure(frame: pd.DataFrame) -> plt.Figure:
