@@ -20,8 +20,9 @@ run: setup
 	@echo
 	@echo "Done. Metrics: .venv/bin/dvc metrics show   Runs: make ui  (then open http://127.0.0.1:5000)"
 
+# Two workers (pytest-xdist): they share the smoke pipeline's one `dvc repro` (tests/conftest.py).
 test: setup
-	pytest -q
+	pytest -q -n 2
 
 bench: setup
 	dvc repro prepare_images prepare_tunes

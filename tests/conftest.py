@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from configs import ROOT, smoke_params
 
 
@@ -32,10 +33,28 @@ def set_param(repo: Path, section: str, group: str, key: str, value: object) -> 
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two workers on two cores: thread pools that together exceed the cores slow each other ~10× (see
+    # `device.configure_threads`), so each worker and every stage it starts takes one thread.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(scope="session")
-def baseline(tmp_path_factory) -> Path:
-    """A copy of the repository's files (as git sees them) on smoke params, after one `dvc repro`. Read only."""
-    repo = tmp_path_factory.mktemp("deepzoo")
+def baseline(tmp_path_factory, worker_id: str) -> Path:
+    """A copy of the repository's files (as git sees them) on smoke params, after one `dvc repro`. Read only.
+
+    Built once per test session: pytest-xdist's workers share it (the first builds it, the others wait on a lock).
+    """
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    repo = shared / "baseline"
+    with FileLock(shared / "baseline.lock"):
+        if not (repo / "first_repro.log").is_file():
+            shutil.rmtree(repo, ignore_errors=True)  # a build that failed part-way
+            build_baseline(repo)
+    return repo
+
+
+def build_baseline(repo: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
@@ -44,8 +63,8 @@ def baseline(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / name, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    repo.joinpath("first_repro.log").write_text(dvc(repo, "repro"))
-    return repo
+    log = dvc(repo, "repro")
+    repo.joinpath("first_repro.log").write_text(log)  # last: it marks the baseline complete
 
 
 @pytest.fixture

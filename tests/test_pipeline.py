@@ -44,13 +44,13 @@ def test_metrics_files_hold_the_design_keys(baseline):
     keys = {"perceptron": {"test_accuracy_single", "test_accuracy_deep_linear", "test_accuracy_deep_relu"},
             "mlp": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
             "cnn": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
+            "resnet": {"test_accuracy", "test_loss", "train_seconds", "epochs_run", "seconds_to_target"},
             "fcn": {"mean_iou", "foreground_iou", "pixel_accuracy", "train_seconds"},
             **{detector: {"map_50", "map_50_95", "seconds_per_image", "proposals_per_image", "train_seconds"}
                for detector in ("rcnn", "faster_rcnn")},
-            "rnn": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds",
-                    "reference_valid_tune_fraction"},
-            "lstm": {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "train_seconds",
-                     "reference_valid_tune_fraction"},
+            **{sequence: {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "metre_correct_fraction",
+                          "train_seconds", "reference_valid_tune_fraction", "reference_metre_correct_fraction"}
+               for sequence in ("rnn", "lstm")},
             "autoencoder": {"test_recon_mse", "test_recon_bce", "fid", "fid_real_floor"},
             "vae": {"test_neg_elbo", "test_nll_iw", "active_units", "fid", "fid_real_floor"},
             "betavae": {"test_neg_elbo", "test_nll_iw", "active_units", "fid", "fid_real_floor"},
@@ -63,6 +63,9 @@ def test_metrics_files_hold_the_design_keys(baseline):
     summary = pd.read_csv(baseline / "reports/summary.csv", index_col="family")
     assert list(summary.index) == list(registry.FAMILIES) and summary["parameters"].gt(0).all()
     assert (baseline / "reports/summary.md").read_text().count("\n") == 2 + len(registry.FAMILIES) + 7  # + the detectors table
+    curves = pd.read_csv(baseline / "reports/plots/accuracy_vs_seconds.csv")
+    assert set(curves["family"]) == {"mlp", "cnn", "resnet"}
+    assert all(curve["seconds"].is_monotonic_increasing for _, curve in curves.groupby("family"))
     floors = {json.loads((baseline / f"reports/metrics/{f}.json").read_text())["fid_real_floor"] for f in FID_FAMILIES}
     assert len(floors) == 1  # one reference for every FID
 
@@ -72,7 +75,7 @@ def test_second_repro_runs_nothing(workspace):
 
 
 def test_a_cnn_experiment_reruns_only_the_cnn(workspace):
-    set_param(workspace, "cnn", "train", "lr", 0.002)
+    set_param(workspace, "cnn", "train", "lr", 0.003)
     ran = stages_run(dvc(workspace, "repro"))
     assert ran == {"train@cnn", "evaluate@cnn", "summarize"}  # FID has its own extractor
 

@@ -7,18 +7,19 @@ import shutil
 import pytest
 import torch
 from configs import shipped
+from test_metre import read
 from torch import nn
 
 from deepzoo.config import TrainConfig
 from deepzoo.data import tunes
-from deepzoo.engine.stages import Context
+from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import fit
 from deepzoo.families import lstm, rnn, sequence
 from deepzoo.layers import Dense, Recurrent
 from deepzoo.metrics import tunes as tune_metrics
 
 CPU = torch.device("cpu")
-GOOD = "X:1\nT:Good\nM:C|\nL:1/8\nK:D Major\ndAFA DFAd|fdcd FAdf|gfge fefd|(3efe dc d2:|!\n"
+GOOD = "X:1\nT:Good\nM:C|\nL:1/8\nK:D Major\ndAFA DFAd|fdcd FAdf|gfge fefd|(3efe dc d4:|!\n"
 needs_abc2midi = pytest.mark.skipif(shutil.which("abc2midi") is None, reason="abc2midi (Debian abcmidi) not installed")
 
 
@@ -112,16 +113,54 @@ def test_evaluation_reads_each_tune_whole_so_batching_does_not_change_it():
     assert [nats for nats, _ in batched] == pytest.approx(by_hand, rel=1e-5)
 
 
-def test_sampling_is_deterministic_for_a_seed():
+def test_sampling_is_deterministic_for_a_seed_and_keeps_each_prime():
     torch.manual_seed(0)
     vocab = tunes.Vocabulary.of([GOOD])
     model = tiny_model(len(vocab))
     cfg = shipped("rnn", rnn.Config, generate={"temperature": 1.0, "max_length": 80}).generate
-    draw = lambda seed: sequence.sample(model, vocab, "X:1\n", cfg, torch.Generator().manual_seed(seed))  # noqa: E731
-    text, _ = draw(3)
-    assert text.startswith("X:1\n") and len(text) <= 80
-    assert draw(3) == draw(3)
-    assert draw(4) != draw(3)
+    primes = ["X:1\n", "X:11\n", "X:1\nT:"]  # of different lengths, in one batch
+    draw = lambda seed: sequence.sample(model, vocab, primes, cfg, torch.Generator().manual_seed(seed))  # noqa: E731
+    samples = draw(3)
+    for prime, (text, _) in zip(primes, samples, strict=True):
+        assert text.startswith(prime) and len(text) <= 80
+    assert draw(3) == samples
+    assert draw(4) != samples
+
+
+def test_metre_aware_sampling_keeps_every_bar_its_length():
+    """An untrained model that writes notes and bar lines at random: masked, it writes only whole bars (as the
+    bar reader counts them); unmasked, bars of any length."""
+    torch.manual_seed(0)
+    vocab = tunes.Vocabulary.of([GOOD])
+    model = tiny_model(len(vocab))
+    with torch.no_grad():
+        model.head.b[vocab.encode("dAF4 |")] += 4
+    primes = ["X:1\nM:C|\nL:1/8\nK:D\n"] * 8  # the header, so that the body has a bar length to keep
+
+    def bodies(metre: bool) -> list[str]:
+        cfg = shipped("rnn", rnn.Config, generate={"temperature": 1.0, "max_length": 150, "metre": metre}).generate
+        return [text for text, _ in sequence.sample(model, vocab, primes, cfg, torch.Generator().manual_seed(0))]
+
+    masked, plain = bodies(True), bodies(False)
+    assert all(read(text)[1] == [] for text in masked)
+    assert sum(text.count("|") for text in masked) >= 5 * len(masked)  # bars were written, not only avoided
+    assert sum(read(text)[1] != [] for text in plain) >= 4
+
+
+def test_generate_writes_every_tune_to_the_book_and_only_the_first_few_as_midi(tmp_path, monkeypatch):
+    monkeypatch.setattr(tunes, "load_vocab", lambda: tunes.Vocabulary.of([GOOD]))
+    monkeypatch.setattr(sequence, "sample", lambda model, vocab, primes, cfg, generator: [
+        (GOOD.replace("X:1\n", prime).rstrip(), True) for prime in primes])
+    count = sequence.MIDI_TUNES + 3
+    cfg = shipped("rnn", rnn.Config, generate={"count": count})
+    ctx = Context({"rnn": Variant(None, {})}, cfg, CPU, tmp_path, seed=0, samples=tmp_path)
+    monkeypatch.setattr(tune_metrics, "abc2midi", lambda text, midi: midi.write_text(text))  # no abc2midi needed
+    monkeypatch.setattr(sequence, "render_wav", lambda midi: None)
+    rnn.generate(ctx)
+    midi = [f"tune_{i:02d}.mid" for i in range(1, sequence.MIDI_TUNES + 1)]
+    assert sorted(p.name for p in tmp_path.glob("*.mid")) == midi
+    assert (tmp_path / "tunes.abc").read_text().count("X:") == count
+    assert len(json.loads((tmp_path / sequence.GENERATED).read_text())) == count
 
 
 @needs_abc2midi
@@ -145,10 +184,12 @@ def test_generate_then_evaluate_is_reproducible_and_measures_the_generated_tunes
     assert runs[0] == runs[1]  # the same metrics and byte-identical tunes.abc, tunes.csv and MIDI files
     metrics, files = runs[0]
     assert files["tunes.abc"].decode().count("X:") == 3 and files["tunes.csv"].decode().count("\n") == 4
-    assert {"valid_tune_fraction", "novel_tune_fraction", "abc2midi_warning_fraction"} <= set(metrics)
-    assert metrics["reference_valid_tune_fraction"] == 1.0  # the held-out copy of GOOD is valid, measured once
+    assert {"valid_tune_fraction", "novel_tune_fraction", "abc2midi_warning_fraction", "metre_correct_fraction",
+            "valid_tune_fraction_low", "metre_correct_fraction_high"} <= set(metrics)
+    # The held-out copy of GOOD is valid and in metre, measured once.
+    assert metrics["reference_valid_tune_fraction"] == metrics["reference_metre_correct_fraction"] == 1.0
     reference = json.loads((tmp_path / "data/processed/tunes/reference.json").read_text())
-    assert reference["reference_valid_tune_fraction"] == 1.0
+    assert reference["reference_valid_tune_fraction"] == reference["reference_metre_correct_fraction"] == 1.0
 
 
 def test_family_configs_extend_the_shared_one_with_the_four_stage_sections():
@@ -198,6 +239,35 @@ def test_abc2midi_warnings_are_counted_apart_from_errors(tmp_path):
     one_beat_long = GOOD.replace("fdcd FAdf|", "fdcd FAdf f2|")
     check = tune_metrics.check(one_beat_long, tmp_path / "long.mid")
     assert check.valid and check.warnings
+
+
+@needs_abc2midi
+@pytest.mark.parametrize("tune, metre_correct", [
+    (GOOD, True),
+    (GOOD.replace("d4:|", "d2:|"), False),  # a short closing bar, and no pickup for the repeat to complete it
+    # A pickup bar, and a last bar shortened by as much: the repeat plays them as one whole bar.
+    ("X:2\nT:Pickup\nM:6/8\nL:1/8\nK:G\nD|GAB c2d|e2f g3|GAB c2d|B2A G2:|", True),
+    (GOOD.replace("gfge", "gfg"), False),  # a bar one unit short
+    (GOOD.replace("fdcd FAdf|", "fdcd FAdf f2|"), False),  # a bar two units long
+    ("X:2\nT:Pickup\nM:6/8\nL:1/8\nK:G\nD|GAB c2d|e2f g3|GAB c2d|B2A G3:|", False),  # the repeat adds the pickup
+    (GOOD.replace("M:C|\n", ""), False),  # not valid (no M: header), so not in metre either
+])
+def test_metre_is_correct_when_abc2midi_finds_no_bar_of_the_wrong_length(tmp_path, tune, metre_correct):
+    assert tune_metrics.check(tune, tmp_path / "tune.mid").metre_correct == metre_correct
+
+
+@pytest.mark.parametrize("successes, n, low, high", [
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion": its score-method examples.
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+    (29, 29, 0.8830, 1.0),
+])
+def test_wilson_interval_on_published_numbers(successes, n, low, high):
+    assert tune_metrics.wilson(successes, n) == pytest.approx((low, high), abs=5e-5)
+    assert tune_metrics.fraction("valid", [True] * successes + [False] * (n - successes)) == {
+        "valid": round(successes / n, 4), "valid_low": low, "valid_high": high}
 
 
 def test_novelty_flags_a_copied_phrase_but_not_shared_short_figures():

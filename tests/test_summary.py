@@ -44,3 +44,16 @@ def test_the_detectors_compare_side_by_side_with_the_speedup(tmp_path):
     text = summary.detection_markdown(frame)
     assert "| `faster_rcnn` | 0.9 | 0.6 | 0.004 | 32 | 5 |" in text
     assert "**20.0×** faster per image" in text
+
+
+def test_accuracy_curves_accumulate_epoch_seconds_of_the_classifiers_that_measured_test_accuracy(tmp_path):
+    rows = {"mlp": "epoch,epoch_seconds,val/accuracy\n1,2.0,0.8\n",  # no monitor/accuracy: not in the figure
+            "cnn": "epoch,epoch_seconds,monitor/accuracy\n1,10.0,0.88\n2,12.5,0.91\n",
+            "resnet": "epoch,epoch_seconds,monitor/accuracy\n1,30.0,0.9\n"}
+    for name, text in rows.items():
+        (tmp_path / name / "history").mkdir(parents=True)
+        (tmp_path / name / "history" / f"{name}.csv").write_text(text)
+    curves = summary.accuracy_curves(tmp_path)
+    assert curves[["family", "seconds", "test_accuracy"]].values.tolist() == [
+        ["cnn", 10.0, 0.88], ["cnn", 22.5, 0.91], ["resnet", 30.0, 0.9]]
+    summary.accuracy_figure(curves)

@@ -1,3 +1,4 @@
+import copy
 import os
 from pathlib import Path
 
@@ -77,6 +78,52 @@ def test_plateau_schedule_lowers_the_learning_rate():
     cfg = TrainConfig(epochs=6, batch_size=32, optimizer="sgd", lr=0.01, schedule="plateau", patience=None)
     _, result = train(cfg, val_data=val)
     assert result.history[0]["lr"] == 0.01 and result.history[-1]["lr"] < 0.01
+
+
+def test_onecycle_warms_up_per_step_then_anneals_and_resumes_on_the_same_curve():
+    cfg = TrainConfig(epochs=4, batch_size=32, optimizer="adam", lr=0.1, schedule="onecycle", warmup=0.25,
+                      patience=None)  # 256 samples: 8 steps an epoch, the peak after 8 of 32 steps
+    _, result = train(cfg)
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == pytest.approx(0.1, rel=0.01) and lrs[0] > lrs[1] > lrs[2] > lrs[3] > 0
+    checkpoints = []
+    fit(Regression(), regression_data(), None, cfg.model_copy(update={"epochs": 4}), CPU,
+        torch.Generator().manual_seed(0), on_checkpoint=lambda state: checkpoints.append(copy.deepcopy(state)))
+    resumed = fit(Regression(), regression_data(), None, cfg, CPU, torch.Generator(), resume=checkpoints[1])
+    assert [row["lr"] for row in resumed.history] == lrs
+
+
+class Threshold(Trainable):
+    """Classifies x > 0; its accuracy is the share of the batch it gets right."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 2)
+
+    def loss(self, batch):
+        x, y = batch
+        logits = self.linear(x)
+        return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def test_target_accuracy_measures_the_test_split_each_epoch_and_times_its_first_crossing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 1, generator=g)
+    data, test = (x, (x[:, 0] > 0).long()), (-x, (x[:, 0] < 0).long())
+    cfg = TrainConfig(epochs=6, batch_size=64, optimizer="sgd", lr=0.05, schedule="none", patience=None,
+                      target_accuracy=0.95)
+    result = fit(Threshold(), data, None, cfg, CPU, torch.Generator().manual_seed(0), test=test)
+    accuracies = [row["monitor/accuracy"] for row in result.history]
+    first = next(i for i, a in enumerate(accuracies) if a >= 0.95)
+    assert result.seconds_to_target == pytest.approx(sum(r["epoch_seconds"] for r in result.history[: first + 1]),
+                                                     abs=0.01)
+    assert result.train_seconds == pytest.approx(sum(r["epoch_seconds"] for r in result.history), rel=0.2)
+    never = fit(Threshold(), data, None, cfg.model_copy(update={"target_accuracy": 1.0, "epochs": 1}), CPU,
+                torch.Generator().manual_seed(0), test=(x[:8], torch.zeros(8, dtype=torch.long)))
+    assert never.seconds_to_target is None
+    untimed = fit(Threshold(), data, None, cfg.model_copy(update={"target_accuracy": None}), CPU,
+                  torch.Generator().manual_seed(0), test=test)
+    assert untimed.seconds_to_target is None and "monitor/accuracy" not in untimed.history[0]
 
 
 def test_diverging_loss_raises_a_clear_error():

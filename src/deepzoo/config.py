@@ -41,11 +41,16 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD and RMSprop only
     betas: tuple[float, float] = (0.9, 0.999)  # Adam and AdamW only
     weight_decay: float = Field(0.0, ge=0)
-    # "plateau" divides the learning rate by 10 when validation loss stalls; "cosine" anneals to 0.
-    schedule: Literal["none", "plateau", "cosine"]
+    # "plateau" divides the learning rate by 10 when validation loss stalls; "cosine" anneals to 0 over the
+    # epochs; "onecycle" rises from lr/25 to lr over the first `warmup` of the steps, then anneals to ~0, per step.
+    schedule: Literal["none", "plateau", "cosine", "onecycle"]
+    warmup: float = Field(0.25, gt=0, lt=1)  # "onecycle" only: the share of all steps spent rising
     patience: int | None = Field(ge=1)  # early-stopping patience in epochs; null disables it
     min_delta: float = Field(0.0, ge=0)
     clip_grad_norm: float | None = Field(None, gt=0)
+    # A classifier's test accuracy after every epoch (never used to choose anything; its time is not training
+    # time), and the training seconds until it first reaches this: how fast a recipe gets to a result.
+    target_accuracy: float | None = Field(None, gt=0, le=1)
     max_batches: int | None = Field(None, ge=1)  # per epoch; caps smoke and benchmark runs
     mixed_precision: bool = True  # bf16 autocast on CUDA GPUs that support it; no effect on CPU
     compile: bool = False  # torch.compile the model (see benchmarks: it does not pay on 2 CPU cores)

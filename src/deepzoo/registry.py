@@ -47,6 +47,7 @@ FAMILIES = {
     "perceptron": Family("toy2d", "test_accuracy_deep_relu", "> deep_linear's"),
     "mlp": Family("fashion_mnist", "test_accuracy", "≥ 0.89"),
     "cnn": Family("fashion_mnist", "test_accuracy", "≥ 0.915"),
+    "resnet": Family("fashion_mnist", "test_accuracy", "≥ 0.94"),
     "fcn": Family("scenes", "mean_iou", "≥ 0.80"),
     "rcnn": Family("scenes", "map_50", "< faster_rcnn's"),
     "faster_rcnn": Family("scenes", "map_50", "≥ 0.90"),

@@ -1,8 +1,9 @@
 """`summarize`: one table of every family's results, from the metrics files of its evaluation (pandas).
 
 Writes `reports/summary.csv` (every number), `reports/summary.md` (the README's results table, pasted between its
-markers by `python -m deepzoo.summary --readme`, which `make run` runs; the tests hold them equal) and
-`reports/summary.png`. Run as `python -m deepzoo.summary` (the `summarize` stage).
+markers by `python -m deepzoo.summary --readme`, which `make run` runs; the tests hold them equal),
+`reports/summary.png`, and the classifiers' test accuracy against training seconds (`reports/plots/accuracy_vs_seconds.*`,
+from their training histories). Run as `python -m deepzoo.summary` (the `summarize` stage).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pandas as pd
 from deepzoo import registry
 from deepzoo.storage import atomic_path, save_figure
 
-METRICS, OUTPUT = Path("reports/metrics"), Path("reports")
+METRICS, PLOTS, OUTPUT = Path("reports/metrics"), Path("reports/plots"), Path("reports")
+CLASSIFIERS = [name for name, family in registry.FAMILIES.items() if family.headline == "test_accuracy"]
 README = Path("README.md")
 DETECTION = ("map_50", "map_50_95", "seconds_per_image", "proposals_per_image")
 BEGIN, END = "<!-- summary: generated from reports/summary.md -->", "<!-- /summary -->"
@@ -89,6 +91,29 @@ def figure(frame: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def accuracy_curves(plots_dir: Path = PLOTS) -> pd.DataFrame:
+    """Each classifier's test accuracy after every epoch, against its training seconds so far (`seconds`)."""
+    curves = []
+    for name in CLASSIFIERS:
+        history = pd.read_csv(plots_dir / name / "history" / f"{name}.csv")
+        if "monitor/accuracy" in history:
+            curves.append(pd.DataFrame({"family": name, "epoch": history["epoch"],
+                                        "seconds": history["epoch_seconds"].cumsum().round(1),
+                                        "test_accuracy": history["monitor/accuracy"]}))
+    return pd.concat(curves, ignore_index=True)
+
+
+def accuracy_figure(curves: pd.DataFrame, target: float = 0.91) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, curve in curves.groupby("family", sort=False):
+        ax.plot(curve["seconds"], curve["test_accuracy"], marker="o", markersize=3, label=name)
+    ax.axhline(target, color="gray", linestyle=":", linewidth=1, label=f"{target:g}")
+    ax.set(xlabel="training seconds (2 CPU cores unless the run says otherwise)", ylabel="test accuracy",
+           title="Fashion-MNIST classifiers: accuracy against training time", ylim=(0.8, 1.0))
+    ax.legend()
+    return fig
+
+
 def with_table(readme: str, summary: str) -> str:
     """`readme` with the text between the summary markers replaced by `summary`."""
     pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
@@ -107,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(OUTPUT / "summary.md") as tmp:
         tmp.write_text(markdown(frame) + "\n" + detection_markdown(detectors()))
     save_figure(OUTPUT / "summary.png", figure(frame))
+    curves = accuracy_curves()
+    with atomic_path(PLOTS / "accuracy_vs_seconds.csv") as tmp:
+        curves.to_csv(tmp, index=False)
+    save_figure(PLOTS / "accuracy_vs_seconds.png", accuracy_figure(curves))
     print((OUTPUT / "summary.md").read_text(), end="")
     return 0
 

@@ -106,7 +106,7 @@ def train(name: str, restart: bool = False) -> None:
                 results[variant_name] = fit(variant.model, variant.data["train"], variant.data.get("val"),
                                             cfg.train, device, generator, log, cfg.train.mixed_precision, resume,
                                             (lambda state, v=variant_name: point.save(v, state)) if point.enabled
-                                            else None)
+                                            else None, variant.data.get("test"))
                 point.finish(variant_name, variant.model, results[variant_name], generator)
             if tracker is not None:
                 _save_training(name, family, cfg, variants, results, tracker)
@@ -208,6 +208,7 @@ def _save_training(name: str, family: ModuleType, cfg: Any, variants: dict[str, 
             summary["variants"][variant_name] = {
                 "train_seconds": round(result.train_seconds, 2), "epochs_run": result.epochs_run,
                 "best_epoch": result.best_epoch, "samples_per_second": round(result.samples_per_second, 1),
+                **({"seconds_to_target": result.seconds_to_target} if result.seconds_to_target is not None else {}),
                 "model_id": logged["model_id"], "registered_model": registered, "model_version": logged["version"]}
         save_figure(history_dir / "curves.png", _history_figure(name, {v: r.history for v, r in results.items()}))
         summary["metric_logging_seconds"] = round(tracker.metric_seconds, 3)
@@ -312,7 +313,7 @@ def _training_metrics(summary: dict[str, Any]) -> dict[str, float]:
     variants = summary["variants"]
     if len(variants) == 1:
         only = next(iter(variants.values()))
-        return {"train_seconds": only["train_seconds"], "epochs_run": only["epochs_run"]}
+        return {key: only[key] for key in ("train_seconds", "epochs_run", "seconds_to_target") if key in only}
     return {"train_seconds": round(sum(v["train_seconds"] for v in variants.values()), 2)}
 
 

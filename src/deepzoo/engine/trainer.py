@@ -66,6 +66,7 @@ class FitResult:
     epochs_run: int = 0
     train_seconds: float = 0.0
     samples_per_second: float = 0.0
+    seconds_to_target: float | None = None  # until test accuracy first reached `target_accuracy`, when measured
 
 
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -86,13 +87,27 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.op
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     match cfg.schedule:
         case "plateau":
             return ReduceLROnPlateau(optimizer, factor=0.1, patience=1)
         case "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        case "onecycle":  # warm-up lets a large batch take a large learning rate (Smith & Topin 2017; Goyal et al. 2017)
+            return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                       pct_start=cfg.warmup, cycle_momentum=False)
     return None
+
+
+def rank_batch_size(cfg: TrainConfig) -> int:
+    """Each data-parallel rank's share of a batch: together they make one batch of `cfg.batch_size`."""
+    return max(cfg.batch_size // distributed.world_size(), 1)
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    """Optimizer steps in an epoch of `n` samples (on each rank: its shard of them)."""
+    shard = math.ceil(n / distributed.world_size())
+    return min(math.ceil(shard / rank_batch_size(cfg)), cfg.max_batches or math.inf)
 
 
 def batches(tensors: Batch, batch_size: int, generator: torch.Generator | None = None,
@@ -199,8 +214,12 @@ class EarlyStopping:
 def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, device: torch.device,
         generator: torch.Generator, on_epoch: Callable[[int, dict[str, float]], None] = lambda *_: None,
         mixed_precision: bool = True, resume: dict[str, Any] | None = None,
-        on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        on_checkpoint: Callable[[dict[str, Any]], None] | None = None, test: Batch | None = None) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch.
+
+    With `cfg.target_accuracy` set, the `test` split is measured after every epoch (`monitor/*` in the history:
+    not `test/*`, the final evaluation's names)
+    and `seconds_to_target` is the training time, those measurements excluded, until it first reaches it.
 
     After every epoch `on_checkpoint` gets the whole training state (`TrainingState`'s dict: weights,
     optimizers, schedules, early stopping, random generators, history); `resume` takes such a state and goes
@@ -216,36 +235,42 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
         model.compile()
     groups = model.optimizer_groups()
     optimizers = {name: make_optimizer(params, cfg) for name, params in groups.items()}
-    schedules = [s for s in (make_schedule(opt, cfg) for opt in optimizers.values()) if s is not None]
+    schedules = [s for s in (make_schedule(opt, cfg, steps_per_epoch(len(train[0]), cfg)) for opt in optimizers.values())
+                 if s is not None]
+    per_step = [s for s in schedules if isinstance(s, torch.optim.lr_scheduler.OneCycleLR)]
     stopper, result = EarlyStopping(cfg.patience, cfg.min_delta), FitResult()
     state = TrainingState(model, optimizers, schedules, stopper, result, generator)
     first_epoch, earlier_seconds, first_losses, done = 1, 0.0, {}, False
     if resume is not None:
         first_epoch, earlier_seconds, first_losses, done = state.load(resume)
         distributed.print_once(f"resuming after epoch {first_epoch - 1} of {cfg.epochs}")
-    start = time.perf_counter()
+    start, monitoring = time.perf_counter(), 0.0
     for epoch in range(first_epoch, cfg.epochs + 1):
         if done:
             break
         epoch_start = time.perf_counter()
-        row, first = _train_epoch(model, groups, optimizers, train, cfg, device, generator, epoch, mixed_precision)
+        row, first = _train_epoch(model, groups, optimizers, per_step, train, cfg, device, generator, epoch,
+                                  mixed_precision)
         first_losses = first_losses or {k: v for k, v in first.items() if k.endswith("loss")}
         _check_growth(row, first_losses, epoch, cfg)
         if val is not None:
             row |= {f"val/{k}": v for k, v in evaluate(model, val, cfg.batch_size, device, mixed_precision).items()}
         row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         row["epoch_seconds"] = time.perf_counter() - epoch_start
+        if cfg.target_accuracy is not None and test is not None:
+            row |= {f"monitor/{k}": v for k, v in evaluate(model, test, cfg.batch_size, device, mixed_precision).items()}
+            monitoring += time.perf_counter() - epoch_start - row["epoch_seconds"]
         result.history.append(row)
         result.epochs_run = epoch
         monitored = row.get("val/loss", row.get("train/loss"))
         for schedule in schedules:
             if isinstance(schedule, ReduceLROnPlateau):
                 schedule.step(monitored)
-            else:
+            elif schedule not in per_step:
                 schedule.step()
         done = stopper.should_stop(epoch, row.get("val/loss"), model)
         if on_checkpoint is not None:  # first: an epoch that was reported is an epoch that resumes
-            on_checkpoint(state.save(epoch, earlier_seconds + time.perf_counter() - start, first_losses, done))
+            on_checkpoint(state.save(epoch, earlier_seconds + time.perf_counter() - start - monitoring, first_losses, done))
         on_epoch(epoch, row)
         distributed.print_once(f"epoch {epoch}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if done:
@@ -255,10 +280,22 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     result.best_epoch = stopper.best_epoch or result.epochs_run
-    result.train_seconds = earlier_seconds + time.perf_counter() - start
+    result.train_seconds = earlier_seconds + time.perf_counter() - start - monitoring
+    if cfg.target_accuracy is not None:
+        result.seconds_to_target = seconds_to_reach(result.history, "monitor/accuracy", cfg.target_accuracy)
     samples = min(len(train[0]), cfg.batch_size * (cfg.max_batches or len(train[0]))) * result.epochs_run
     result.samples_per_second = samples / max(result.train_seconds, 1e-9)
     return result
+
+
+def seconds_to_reach(history: list[dict[str, float]], key: str, target: float) -> float | None:
+    """Training seconds (`epoch_seconds` summed) until the epoch whose `key` first reached `target`."""
+    elapsed = 0.0
+    for row in history:
+        elapsed += row["epoch_seconds"]
+        if row.get(key, -math.inf) >= target:
+            return round(elapsed, 2)
+    return None
 
 
 @dataclass
@@ -299,17 +336,14 @@ class TrainingState:
 
 
 def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimizers: dict[str, torch.optim.Optimizer],
-                 train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator, epoch: int,
-                 mixed_precision: bool) -> tuple[dict[str, float], dict[str, float]]:
+                 per_step: list[Any], train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator,
+                 epoch: int, mixed_precision: bool) -> tuple[dict[str, float], dict[str, float]]:
     model.train()
-    world = distributed.world_size()
-    batch_size = max(cfg.batch_size // world, 1)  # per rank: the effective batch size stays cfg.batch_size
-    steps = batches(train, batch_size, generator, cfg.max_batches, (distributed.rank(), world))
+    steps = batches(train, rank_batch_size(cfg), generator, cfg.max_batches, (distributed.rank(), distributed.world_size()))
     if sys.stderr.isatty() and distributed.is_main():
         from tqdm import tqdm
 
-        total = min(math.ceil(len(train[0]) / world / batch_size), cfg.max_batches or math.inf)
-        steps = tqdm(steps, total=total, desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
+        steps = tqdm(steps, total=steps_per_epoch(len(train[0]), cfg), desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
     averager, norms, single = Averager(), [], len(groups) == 1
     for step, batch in enumerate(steps, 1):
         batch = model.prepare(to_device(batch, device))
@@ -322,6 +356,8 @@ def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimi
                 norms.append(nn.utils.clip_grad_norm_(groups[group], cfg.clip_grad_norm))
             optimizers[group].step()
             metrics.update({"loss" if single else f"{group}_loss": loss, **group_metrics})
+        for schedule in per_step:
+            schedule.step()
         averager.add(metrics, len(batch[0]))
         if step % NAN_CHECK_EVERY == 0:
             _check_finite(averager, epoch, step, cfg, last=NAN_CHECK_EVERY)

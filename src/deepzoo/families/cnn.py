@@ -10,11 +10,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig, Width
+from deepzoo.config import Section, Width
 from deepzoo.data import fashion_mnist
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch
@@ -29,12 +28,12 @@ class ModelConfig(Section):
     dense: int = Field(ge=1)
     batch_norm: bool
     dropout: float = Field(ge=0, lt=1)  # before the last dense layer
-    augment: bool  # random 2-pixel shifts and horizontal flips while training
+    augment: bool  # random shifts of up to 2 pixels and horizontal flips while training
 
 
 class Config(Section):
     model: ModelConfig
-    train: TrainConfig
+    train: classifier.ClassifierTrainConfig
     evaluate: classifier.EvaluateConfig
 
 
@@ -57,7 +56,7 @@ class CNN(classifier.ImageClassifier):
     def prepare(self, batch: Batch) -> Batch:
         images, labels = super().prepare(batch)
         if self.training and self.cfg.augment:
-            images = augment(images)
+            images = classifier.shift_and_flip(images, max_shift=2)
         return images, labels
 
     def features(self, x: Tensor) -> Tensor:
@@ -66,16 +65,6 @@ class CNN(classifier.ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
-
-
-def augment(images: Tensor) -> Tensor:
-    """Random shifts of up to 2 pixels and horizontal flips (clothes are left-right symmetric)."""
-    batch = images.shape[0]
-    flip = torch.rand(batch, 1, 1, 1, device=images.device) < 0.5
-    images = torch.where(flip, images.flip(-1), images)
-    padded = nn.functional.pad(images, (2, 2, 2, 2))
-    dx, dy = torch.randint(0, 5, (2,)).tolist()  # one shift per batch keeps this a single slice
-    return padded[..., dy : dy + 28, dx : dx + 28]
 
 
 def variants(cfg: Config) -> dict[str, Variant]:

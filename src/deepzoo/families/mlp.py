@@ -7,10 +7,16 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig, Width
+from deepzoo.config import Section, Width
 from deepzoo.engine.stages import Variant
 from deepzoo.families.classifier import (  # noqa: F401 - EXPERIMENT and evaluate: the family contract
-    EXPERIMENT, EvaluateConfig, ImageClassifier, evaluate, single_variant)
+    EXPERIMENT,
+    ClassifierTrainConfig,
+    EvaluateConfig,
+    ImageClassifier,
+    evaluate,
+    single_variant,
+)
 
 NONLINEARITIES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
@@ -23,7 +29,7 @@ class ModelConfig(Section):
 
 class Config(Section):
     model: ModelConfig
-    train: TrainConfig
+    train: ClassifierTrainConfig
     evaluate: EvaluateConfig
 
 

@@ -27,11 +27,13 @@ from deepzoo.data import tunes
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
 from deepzoo.layers import Dense
+from deepzoo.metrics import metre
 from deepzoo.metrics import tunes as tune_metrics
 
 EXPERIMENT = "folk-tunes"
 LN2 = math.log(2)
 GENERATED = "generated.json"  # [[tune text, ended by the model], ...]: what generate hands to evaluate
+MIDI_TUNES = 5  # tunes written as MIDI too: enough to listen to, while tunes.abc holds all of them
 
 
 class ModelConfig(Section):
@@ -53,6 +55,7 @@ class GenerateConfig(Section):
     count: int = Field(ge=1)  # tunes to sample
     temperature: float = Field(gt=0)  # < 1 sharpens the distribution: fewer errors, less variety
     max_length: int = Field(ge=10)  # characters per tune, if the end-of-tune token never comes
+    metre: bool  # draw only characters that keep every bar the length M: and L: give it (metrics/metre.py)
     seed: int
 
 
@@ -131,8 +134,8 @@ def tune_nats(model: CharModel, stream: Tensor, batch_size: int, device: torch.d
 
 def evaluate(ctx: Context) -> dict[str, float]:
     """Bits per character of the validation tunes, overall and per tune (`val_tunes.csv`); then the tunes the
-    generate stage wrote: how many are valid music and new (`tunes.csv`), beside what the held-out human tunes
-    score on the same measures (computed once, by `prepare_tunes`)."""
+    generate stage wrote: how many are valid music, in metre and new (`tunes.csv`), beside what the held-out human
+    tunes score on the same measures (computed once, by `prepare_tunes`)."""
     (variant,) = ctx.variants.values()
     per_tune = tune_nats(variant.model, tunes.load("val"), ctx.cfg.evaluate.batch_size, ctx.device)
     with (ctx.out / "val_tunes.csv").open("w", newline="") as f:
@@ -147,7 +150,8 @@ def evaluate(ctx: Context) -> dict[str, float]:
 
 
 def measure_generated(samples: Path, out: Path) -> dict[str, float]:
-    """Validity and novelty of the tunes in `samples/tunes.abc`, with a per-tune report in `out/tunes.csv`."""
+    """Validity, metre and novelty of the tunes that generate wrote (`samples/generated.json`), with 95 % intervals
+    for the fractions that compare families, and a per-tune report in `out/tunes.csv`."""
     generated = samples / GENERATED
     if not generated.is_file():
         raise FileNotFoundError(f"{generated} not found: run the generate stage first (dvc repro)")
@@ -157,7 +161,8 @@ def measure_generated(samples: Path, out: Path) -> dict[str, float]:
     novel = [novelty.is_novel(text) for text in texts]
     write_report(out / "tunes.csv", texts, checks, novel)
     return {
-        "valid_tune_fraction": tune_metrics.mean(c.valid for c in checks),
+        **tune_metrics.fraction("valid_tune_fraction", (c.valid for c in checks)),
+        **tune_metrics.fraction("metre_correct_fraction", (c.metre_correct for c in checks)),
         "abc2midi_warning_fraction": tune_metrics.mean(bool(c.warnings) for c in checks),
         "novel_tune_fraction": tune_metrics.mean(novel),
         "ended_tune_fraction": tune_metrics.mean(ended),
@@ -166,35 +171,53 @@ def measure_generated(samples: Path, out: Path) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample(model: CharModel, vocab: tunes.Vocabulary, prime: str, cfg: GenerateConfig,
-           generator: torch.Generator) -> tuple[str, bool]:
-    """One tune primed with <start> + `prime`; returns its text and whether the model ended it itself."""
+def sample(model: CharModel, vocab: tunes.Vocabulary, primes: list[str], cfg: GenerateConfig,
+           generator: torch.Generator) -> list[tuple[str, bool]]:
+    """Tunes sampled side by side, one from <start> + each prime; each tune's text and whether the model ended
+    it itself (else it stopped at `max_length` characters). With `cfg.metre`, the characters that would break a
+    bar's length (`metrics.metre`) get probability 0, and the others share theirs."""
     model.eval()
     device = next(model.parameters()).device
-    ids = [vocab.start, *vocab.encode(prime)]
-    logits, state = model.step(torch.tensor([ids], device=device))
-    for _ in range(cfg.max_length - len(prime)):
+    # Each prime replaces the draws of its first steps, so that primes of any length share one batch.
+    forced = nn.utils.rnn.pad_sequence([torch.tensor(vocab.encode(prime)) for prime in primes], batch_first=True,
+                                       padding_value=-1)  # [B, longest prime]
+    ids, state = torch.full((len(primes), 1), vocab.start), None  # [B, 1]: each tune's latest character
+    ended, drawn = torch.zeros(len(primes), dtype=torch.bool), []
+    bars, tokens = [metre.Bar()] * len(primes), tuple(vocab.tokens)  # where each tune stands in its bar
+    for t in range(cfg.max_length):
+        logits, state = model.step(ids.to(device), state)
         # Sampling on the CPU with one seeded generator makes the tunes the same on any device.
-        probabilities = F.softmax(logits[0, -1].float().cpu() / cfg.temperature, dim=-1)
-        next_id = torch.multinomial(probabilities, 1, generator=generator).item()
-        if next_id == vocab.end:
-            return vocab.decode(ids), True
-        ids.append(next_id)
-        logits, state = model.step(torch.tensor([[next_id]], device=device), state)
-    return vocab.decode(ids), False
+        logits = logits[:, -1].float().cpu() / cfg.temperature
+        if cfg.metre:
+            keeps = torch.tensor([metre.allowed(bar, tokens) for bar in bars])  # [B, vocab]
+            logits = logits.masked_fill(~keeps, float("-inf"))
+        ids = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        if t < forced.shape[1]:
+            ids = torch.where(forced[:, t, None] >= 0, forced[:, t, None], ids)
+        if cfg.metre:
+            bars = [metre.step(bar, tokens[i])[0] for bar, i in zip(bars, ids[:, 0].tolist(), strict=True)]
+        drawn.append(ids)
+        ended |= ids[:, 0] == vocab.end
+        if ended.all():
+            break
+    samples = []
+    for row in torch.cat(drawn, 1).tolist():
+        end = row.index(vocab.end) if vocab.end in row else len(row)
+        samples.append((vocab.decode(row[:end]), end < len(row)))
+    return samples
 
 
 def generate(ctx: Context) -> None:
-    """Sample tunes into `tunes.abc` (a tune book), each as MIDI too, and `generated.json` for the evaluation:
-    each tune with whether the model ended it itself."""
+    """Sample tunes into `tunes.abc` (a tune book) and `generated.json` for the evaluation: each tune with whether
+    the model ended it itself; the first `MIDI_TUNES` also as MIDI, to listen to."""
     (variant,) = ctx.variants.values()
     cfg: GenerateConfig = ctx.cfg.generate
     vocab, generator = tunes.load_vocab(), torch.Generator().manual_seed(cfg.seed)
     # Prime with the start of a tune: its first header line, numbered so that tunes.abc plays as a tune book.
-    samples = [sample(variant.model, vocab, f"X:{i}\n", cfg, generator) for i in range(1, cfg.count + 1)]
+    samples = sample(variant.model, vocab, [f"X:{i}\n" for i in range(1, cfg.count + 1)], cfg, generator)
     (ctx.out / "tunes.abc").write_text("\n\n".join(text for text, _ in samples) + "\n")
     (ctx.out / GENERATED).write_text(json.dumps(samples, indent=1) + "\n")
-    for i, (text, _) in enumerate(samples, 1):
+    for i, (text, _) in enumerate(samples[:MIDI_TUNES], 1):
         tune_metrics.abc2midi(text, ctx.out / f"tune_{i:02d}.mid")  # a tune abc2midi rejects gets no MIDI
     render_wav(ctx.out / "tune_01.mid")
 
@@ -202,9 +225,10 @@ def generate(ctx: Context) -> None:
 def write_report(path: Path, texts: list[str], checks: list[tune_metrics.TuneCheck], novel: list[bool]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["tune", "chars", "valid", "novel", "warnings", "problems"])
+        writer.writerow(["tune", "chars", "valid", "metre_correct", "novel", "warnings", "problems"])
         for i, (text, check, new) in enumerate(zip(texts, checks, novel, strict=True), 1):
-            writer.writerow([i, len(text), check.valid, new, len(check.warnings), "; ".join(check.problems)])
+            writer.writerow([i, len(text), check.valid, check.metre_correct, new, len(check.warnings),
+                             "; ".join(check.problems)])
 
 
 def render_wav(midi: Path) -> None:

@@ -2,6 +2,9 @@
 
 Valid: the required headers (X:, M:, L:, K:), a body of at least `MIN_BARS` bars, and abc2midi converts it
 to MIDI without an error (its warnings, e.g. a bar one beat short, are counted apart).
+Metre-correct: valid, and abc2midi finds no bar whose length differs from what `M:` and `L:` say. abc2midi
+leaves the first bar (a pickup may be short) and the last bar unchecked, and checks a short bar before a
+repeat together with the bar the repeat returns to (its pickup), as they are played.
 Novel: its body shares no run of `NOVELTY_CHARS` characters with any training tune's body. 30 characters
 is about three bars of eighth notes: common cadences and ornaments are shorter, so sharing them is not
 copying, while a shared 30-character run is a whole phrase lifted from one tune. `prepare_tunes` measures
@@ -10,6 +13,7 @@ the held-out human tunes once (`reference_*_fraction`), the yardstick for every 
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -27,6 +31,8 @@ ABC2MIDI_TIMEOUT_S = 20
 NOT_MUSIC = re.compile(r'"[^"\n]*"|![^!\n]*!|%[^\n]*')
 # A bar line: |, ||, |], [|, :|, |:, ::|, |:: ... (a run of bar-line characters containing a |).
 BAR_LINE = re.compile(r"[\[:]*\|[\]|:]*")
+# abc2midi's complaint about a bar's length, e.g. "Track 0 Bar 3 has 7/2 time units while the time signature has 4".
+BAR_LENGTH = re.compile(r"Bar \d+ has \S+ time units")
 
 
 @dataclass
@@ -37,6 +43,10 @@ class TuneCheck:
     @property
     def valid(self) -> bool:
         return not self.problems
+
+    @property
+    def metre_correct(self) -> bool:
+        return self.valid and not any(BAR_LENGTH.search(warning) for warning in self.warnings)
 
 
 def count_bars(body: str) -> int:
@@ -96,6 +106,20 @@ def mean(values: Iterable[float]) -> float:
     return round(sum(values) / max(len(values), 1), 4)
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % for z = 1.96): unlike p ± z·√(p(1 − p)/n), it stays
+    inside [0, 1] and keeps a width when none or all of the n succeed."""
+    centre, spread = 2 * successes + z * z, z * math.sqrt(z * z + 4 * successes * (n - successes) / n)
+    return (centre - spread) / (2 * (n + z * z)), (centre + spread) / (2 * (n + z * z))
+
+
+def fraction(name: str, flags: Iterable[bool]) -> dict[str, float]:
+    """`name`: the share of true flags, with its 95 % Wilson interval as `name_low` and `name_high`."""
+    flags = list(flags)
+    low, high = wilson(sum(flags), len(flags))
+    return {name: mean(flags), f"{name}_low": round(low, 4), f"{name}_high": round(high, 4)}
+
+
 def check_all(texts: Iterable[str]) -> list[TuneCheck]:
     """`check` each tune, its MIDI file written to a scratch folder and dropped."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,7 +127,8 @@ def check_all(texts: Iterable[str]) -> list[TuneCheck]:
 
 
 def reference(held_out: list[str], training: list[str]) -> dict[str, float]:
-    """What 'valid' and 'novel' score on held-out human tunes (novel: against the training tunes)."""
-    novelty = Novelty(training)
-    return {"reference_valid_tune_fraction": mean(c.valid for c in check_all(held_out)),
+    """What 'valid', 'metre-correct' and 'novel' score on held-out human tunes (novel: against the training tunes)."""
+    novelty, checks = Novelty(training), check_all(held_out)
+    return {"reference_valid_tune_fraction": mean(c.valid for c in checks),
+            "reference_metre_correct_fraction": mean(c.metre_correct for c in checks),
             "reference_novel_tune_fraction": mean(novelty.is_novel(tune) for tune in held_out)}
