@@ -9,5 +9,5 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" DEEPZOO_DEVICE=${DEEPZOO_DEVI
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 [ -f data/processed/fashion_mnist/train.pt ] || python3 -m deepzoo prepare fashion_mnist
 [ -f data/processed/tunes/train.pt ] || python3 -m deepzoo prepare tunes
-python3 benchmarks/run.py --skip-repro --output "$out" --batches 300 --rounds 2 --compile cnn \
+python3 benchmarks/run.py --parts throughput time_to_target startup --output "$out" --batches 300 --rounds 2 --compile cnn \
   --families cnn mlp lstm rnn autoencoder vae gan

@@ -36,6 +36,7 @@ from deepzoo.engine.trainer import (
     Trainable,
     batches,
     fit,
+    has_convolutions,
     seconds_to_reach,
     to_device,
 )
@@ -64,21 +65,22 @@ def fresh_variant(family_name: str, seed: int = 0, **train: object):
 def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
     """The plainest PyTorch loop of the same model, optimizer and numerics: samples per second.
 
-    It makes the recipe's choices the trainer makes (gradient clipping; on a GPU the dataset resident on
-    the GPU, channels_last convolutions, bf16 autocast when `mixed_precision`), so the ratio measures the
+    It makes the recipe's choices the trainer makes (gradient clipping, channels_last convolutions; on a GPU
+    the dataset resident on the GPU, bf16 autocast when `mixed_precision`), so the ratio measures the
     loop, not the setup.
     """
     model.to(device).train()
     bf16 = cfg.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported()
     if device.type == "cuda":
         data = tuple(t.to(device) for t in data)
-        if any(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules()):
-            model.to(memory_format=torch.channels_last)
+    if has_convolutions(model):
+        model.to(memory_format=torch.channels_last)
     groups = model.optimizer_groups()
     optimizers = {name: OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr) for name, params in groups.items()}
     generator, samples = torch.Generator().manual_seed(0), 0
     start = time.perf_counter()
     for batch in batches(data, cfg.batch_size, generator, n_batches):
+        samples += len(batch[0])  # before `prepare`, as the trainer counts: rcnn's prepare turns scenes into crops
         batch = model.prepare(to_device(batch, device))
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             for group, loss, _ in model.training_losses(batch):
@@ -87,7 +89,6 @@ def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
                 if cfg.clip_grad_norm is not None:  # part of the recipe (rnn, lstm), so the bare loop clips too
                     torch.nn.utils.clip_grad_norm_(groups[group], cfg.clip_grad_norm)
                 optimizers[group].step()
-        samples += len(batch[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return samples / (time.perf_counter() - start)
@@ -102,6 +103,8 @@ def throughput(family_name: str, device: torch.device, n_batches: int, rounds: i
     """Trainer and bare loop alternating for `rounds` rounds, so both see the same machine conditions: the
     best rate of each, and the median and range of the rounds' ratios (one round's ratio varies by ±10 %)."""
     rates: dict[str, list[float]] = {"trainer": [], "bare": []}
+    variant, cfg = fresh_variant(family_name)
+    bare_loop(variant.model, variant.data["train"], cfg.train, device, 3)  # warm-up: the first batches pay allocations
     for _ in range(rounds):
         for loop, run in (("trainer", trainer_loop), ("bare", bare_loop)):
             variant, cfg = fresh_variant(family_name)
@@ -131,9 +134,9 @@ def compiled_throughput(family_name: str, device: torch.device, n_batches: int) 
     return {**rates, "speedup": round(rates["compiled"] / rates["eager"], 3)}
 
 
-def trainer_time_to_target(family_name: str, device: torch.device, **train: object) -> float | None:
-    """Training seconds of the family's recipe (`train` overrides) until test accuracy first reaches the target,
-    as the trainer measures it for `seconds_to_target`; it stops there."""
+def trainer_time_to_target(name: str, family_name: str, device: torch.device, **train: object) -> dict[str, float | None]:
+    """`name`_seconds: training seconds of the family's recipe (`train` overrides) until test accuracy first
+    reaches the target, as the trainer measures it for `seconds_to_target` (it stops there); `name`_epochs."""
     variant, cfg = fresh_variant(family_name, target_accuracy=TARGET_ACCURACY, **train)
     history: list[dict[str, float]] = []
 
@@ -145,12 +148,14 @@ def trainer_time_to_target(family_name: str, device: torch.device, **train: obje
     with contextlib.suppress(TargetReached):
         fit(variant.model, variant.data["train"], variant.data["val"], cfg.train, device,
             torch.Generator().manual_seed(0), on_epoch=stop_at_target, test=variant.data["test"])
-    return seconds_to_reach(history, "monitor/accuracy", TARGET_ACCURACY)
+    seconds = seconds_to_reach(history, "monitor/accuracy", TARGET_ACCURACY)
+    return {f"{name}_seconds": seconds, f"{name}_epochs": len(history) if seconds is not None else None}
 
 
-def bare_lecture_time_to_target(device: torch.device, max_epochs: int = 12) -> float | None:
+def bare_lecture_time_to_target(device: torch.device, max_epochs: int = 12) -> dict[str, float | None]:
     """The plainest loop of the lecture recipe: the lecture CNN, Adam 1e-3, batches of 64 from all 60k training
-    images as float tensors prepared once, `randperm` slices, no validation; test passes are not timed."""
+    images as float tensors prepared once, `randperm` slices, no validation; test passes are not timed.
+    Its seconds and epochs to the target, and its images per second."""
     torch.manual_seed(0)
     model = cnn.CNN(cnn.ModelConfig(filters=(32, 64), dense=1024, batch_norm=False, dropout=0.0, augment=False))
     model.to(device)
@@ -161,7 +166,7 @@ def bare_lecture_time_to_target(device: torch.device, max_epochs: int = 12) -> f
     test_images, test_labels = fashion_mnist.to_unit(test["images"]).to(device), test["labels"].to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LECTURE_RECIPE["lr"])
     trained = 0.0
-    for _ in range(max_epochs):
+    for epoch in range(1, max_epochs + 1):
         model.train()
         start = time.perf_counter()
         order = torch.randperm(len(images), device=device)
@@ -179,17 +184,18 @@ def bare_lecture_time_to_target(device: torch.device, max_epochs: int = 12) -> f
             correct = sum((model(test_images[i : i + 1000]).argmax(1) == test_labels[i : i + 1000]).sum().item()
                           for i in range(0, len(test_images), 1000))
         if correct / len(test_images) >= TARGET_ACCURACY:
-            return round(trained, 1)
-    return None
+            break
+    reached = correct / len(test_images) >= TARGET_ACCURACY
+    return {"bare_lecture_seconds": round(trained, 1) if reached else None, "bare_lecture_epochs": epoch if reached else None,
+            "bare_lecture_samples_per_s": round(epoch * len(images) / trained, 1)}
 
 
 def time_to_target(device: torch.device) -> dict[str, float | None]:
     """Seconds to `TARGET_ACCURACY` test accuracy, every figure from this run on this machine."""
-    return {"target_accuracy": TARGET_ACCURACY,
-            "bare_lecture_seconds": bare_lecture_time_to_target(device),
-            "cnn_seconds": trainer_time_to_target("cnn", device),
-            "cnn_lecture_recipe_seconds": trainer_time_to_target("cnn", device, **LECTURE_RECIPE, epochs=12),
-            "resnet_seconds": trainer_time_to_target("resnet", device)}
+    return {"target_accuracy": TARGET_ACCURACY, **bare_lecture_time_to_target(device),
+            **trainer_time_to_target("cnn", "cnn", device),
+            **trainer_time_to_target("cnn_lecture_recipe", "cnn", device, **LECTURE_RECIPE, epochs=12),
+            **trainer_time_to_target("resnet", "resnet", device)}
 
 
 STARTUP_PROBES = {  # what a stage loads before its work, one cold process per measure
@@ -230,7 +236,7 @@ def timed_noop_repro(repo: Path, repeats: int) -> float:
 
 def noop_repro_seconds(repeats: int = 3) -> float | None:
     """Median seconds of `dvc repro` on an up-to-date pipeline; None when it is not up to date."""
-    if subprocess.run(["dvc", "status", "--quiet"], capture_output=True).returncode != 0:
+    if subprocess.run(["dvc", "status", "--quiet"], check=False, capture_output=True).returncode != 0:
         print("pipeline not up to date: run `make run` first to time a no-op `dvc repro`")
         return None
     return timed_noop_repro(Path(), repeats)
@@ -277,15 +283,18 @@ def tracking_overhead() -> dict[str, float]:
     return shares
 
 
+PARTS = ["throughput", "time_to_target", "startup", "repro"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=[f for f in registry.FAMILIES if f != "perceptron"])
     parser.add_argument("--batches", type=int, default=60, help="batches per throughput measurement")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--skip-time-to-accuracy", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                        help="what to measure (the no-op repro needs an up-to-date pipeline: after `make run`)")
     parser.add_argument("--compile", nargs="*", default=[], metavar="FAMILY",
                         help="also measure these families with torch.compile")
-    parser.add_argument("--skip-repro", action="store_true", help="no `dvc repro` timing (e.g. on a GPU box without dvc)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
     configure_threads()
@@ -294,19 +303,19 @@ def main() -> None:
     results["machine"] = {"device": str(device), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "platform": platform.platform(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     results.setdefault("throughput", {})
-    for name in args.families:
+    for name in args.families if "throughput" in args.parts else []:
         results["throughput"][name] = throughput(name, device, args.batches, args.rounds)
         print(f"{name}: {results['throughput'][name]}", flush=True)
     for name in args.compile:
         results.setdefault("compile", {})[name] = compiled_throughput(name, device, args.batches)
         print(f"{name} torch.compile: {results['compile'][name]}", flush=True)
-    if not args.skip_time_to_accuracy:
-        results.pop("cnn_time_to_accuracy", None)  # before time_to_target measured every recipe in one run
+    if "time_to_target" in args.parts:
         results["time_to_target"] = time_to_target(device)
         print(f"time to {TARGET_ACCURACY}: {results['time_to_target']}", flush=True)
-    results["startup_seconds"] = startup_seconds()
-    print(f"stage start-up: {results['startup_seconds']}", flush=True)
-    if not args.skip_repro:
+    if "startup" in args.parts:
+        results["startup_seconds"] = startup_seconds()
+        print(f"stage start-up: {results['startup_seconds']}", flush=True)
+    if "repro" in args.parts:  # needs dvc (not on a bare GPU box) and the last `dvc repro`'s outputs
         results["mlflow_overhead_percent"] = tracking_overhead()
         results["stages"] = last_run_resources()
         results["noop_repro_seconds"] = noop_repro_seconds()

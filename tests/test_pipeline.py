@@ -70,7 +70,10 @@ def test_metrics_files_hold_the_design_keys(baseline):
     assert len(floors) == 1  # one reference for every FID
 
 
-def test_second_repro_runs_nothing(workspace):
+def test_second_repro_runs_nothing_even_after_python_wrote_bytecode_beside_the_sources(workspace):
+    bytecode = workspace / "src/deepzoo/engine/__pycache__"  # what an import writes unless PYTHONDONTWRITEBYTECODE
+    bytecode.mkdir(exist_ok=True)
+    (bytecode / "trainer.cpython-311.pyc").write_bytes(b"bytecode")
     assert stages_run(dvc(workspace, "repro")) == set()
 
 
