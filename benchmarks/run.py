@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,8 @@ from deepzoo.families import cnn
 from deepzoo.storage import write_json
 
 OUTPUT = Path("reports/benchmarks.json")
+# An absolute path: the floor runs DVC in a scratch directory, where a relative PATH entry (.venv/bin) finds nothing.
+DVC = str(Path(found).absolute()) if (found := shutil.which("dvc")) else "dvc"
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "adadelta": torch.optim.Adadelta, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
 
@@ -229,14 +232,14 @@ def timed_noop_repro(repo: Path, repeats: int) -> float:
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, check=True)
+        subprocess.run([DVC, "repro"], cwd=repo, capture_output=True, check=True)
         timings.append(time.perf_counter() - start)
     return round(statistics.median(timings), 2)
 
 
 def noop_repro_seconds(repeats: int = 3) -> float | None:
     """Median seconds of `dvc repro` on an up-to-date pipeline; None when it is not up to date."""
-    if subprocess.run(["dvc", "status", "--quiet"], check=False, capture_output=True).returncode != 0:
+    if subprocess.run([DVC, "status", "--quiet"], check=False, capture_output=True).returncode != 0:
         print("pipeline not up to date: run `make run` first to time a no-op `dvc repro`")
         return None
     return timed_noop_repro(Path(), repeats)
@@ -248,14 +251,14 @@ def noop_repro_floor_seconds(stages_count: int, repeats: int = 3) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         repo = Path(scratch)
         subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-        subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+        subprocess.run([DVC, "init", "-q"], cwd=repo, check=True)
         stages_yaml = {}
         for i in range(stages_count):
             (repo / f"in_{i}.txt").write_text(f"{i}\n")
             stages_yaml[f"s{i}"] = {"cmd": f"cp in_{i}.txt out_{i}.txt", "deps": [f"in_{i}.txt"],
                                     "outs": [f"out_{i}.txt"]}
         (repo / "dvc.yaml").write_text(json.dumps({"stages": stages_yaml}))  # JSON is YAML
-        subprocess.run(["dvc", "repro", "-q"], cwd=repo, capture_output=True, check=True)
+        subprocess.run([DVC, "repro", "-q"], cwd=repo, capture_output=True, check=True)
         return timed_noop_repro(repo, repeats)
 
 
@@ -306,15 +309,18 @@ def main() -> None:
     for name in args.families if "throughput" in args.parts else []:
         results["throughput"][name] = throughput(name, device, args.batches, args.rounds)
         print(f"{name}: {results['throughput'][name]}", flush=True)
+        write_json(args.output, results)
     for name in args.compile:
         results.setdefault("compile", {})[name] = compiled_throughput(name, device, args.batches)
         print(f"{name} torch.compile: {results['compile'][name]}", flush=True)
     if "time_to_target" in args.parts:
         results["time_to_target"] = time_to_target(device)
         print(f"time to {TARGET_ACCURACY}: {results['time_to_target']}", flush=True)
+        write_json(args.output, results)  # each part as it ends: a later part's failure loses nothing
     if "startup" in args.parts:
         results["startup_seconds"] = startup_seconds()
         print(f"stage start-up: {results['startup_seconds']}", flush=True)
+        write_json(args.output, results)
     if "repro" in args.parts:  # needs dvc (not on a bare GPU box) and the last `dvc repro`'s outputs
         results["mlflow_overhead_percent"] = tracking_overhead()
         results["stages"] = last_run_resources()
