@@ -38,8 +38,11 @@ def deepzoo(workdir: Path, *args: str, env: dict[str, str] | None = None) -> sub
 def start(workdir: Path, *args: str) -> subprocess.Popen:
     """`deepzoo ARGS` in the background, returning once it has started training (its MLflow run exists)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DEEPZOO_"))} | {"PYTHONUNBUFFERED": "1"}
+    # Ctrl-C's SIGINT as at a terminal: a shell starts background jobs (`make test &`) with SIGINT ignored, and
+    # the child would inherit that and never see the test's Ctrl-C.
     process = subprocess.Popen([sys.executable, "-m", "deepzoo", *args], cwd=workdir, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one C call
     for line in process.stdout:  # bounded: the process prints this within seconds, or ends and the loop with it
         if line.startswith("training "):
             return process
