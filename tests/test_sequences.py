@@ -28,10 +28,10 @@ def tiny_config(core: str = "rnn", hidden: int = 16) -> sequence.ModelConfig:
     return shipped(core, {"rnn": rnn.Config, "lstm": lstm.Config}[core], model={"hidden_size": hidden}).model
 
 
-def tiny_model(vocab_size: int, core: str = "rnn", hidden: int = 16) -> sequence.CharModel:
+def tiny_model(vocab_size: int, core: str = "rnn", hidden: int = 16, window: int = 8) -> sequence.CharModel:
     cfg = tiny_config(core, hidden)
     cores = {"rnn": lambda: Recurrent(8, hidden), "lstm": lambda: nn.LSTM(8, hidden, batch_first=True)}
-    return sequence.CharModel(cores[core](), cfg, vocab_size)
+    return sequence.CharModel(cores[core](), cfg, vocab_size, window)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -61,14 +61,31 @@ def test_identity_initialisation_starts_with_w_hh_identity_and_zero_bias():
     assert torch.equal(cell.step(torch.zeros(2, 6), h), h)
 
 
-def test_windows_overlap_by_one_so_every_id_is_a_target_once():
+def test_sequences_overlap_by_one_so_every_id_is_a_target_once():
     ids = torch.arange(23)
-    w = sequence.windows(ids, seq_length=5)  # [4, 6]
+    w = sequence.sequences(ids, seq_length=5)  # [4, 6]
     assert w.shape == (4, 6)
     assert torch.equal(w[:, 1:].flatten(), ids[1:21])  # targets: each once, in order
     assert torch.equal(w[1:, 0], w[:-1, -1])
+    carried = sequence.sequences(ids, seq_length=5, carried_windows=2)  # [2, 11]: two windows each
+    assert carried.shape == (2, 11) and torch.equal(carried[:, 1:].flatten(), ids[1:21])
     with pytest.raises(ValueError, match="train.seq_length"):
-        sequence.windows(ids[:5], seq_length=5)
+        sequence.sequences(ids[:5], seq_length=5)
+
+
+@pytest.mark.parametrize("core", ["rnn", "lstm"])
+def test_state_flows_from_window_to_window_while_gradients_stop_at_each_edge(core):
+    model = tiny_model(10, core, window=4).eval()  # no dropout: the passes below must agree
+    batch = model.prepare((torch.randint(0, 10, (3, 13)),))  # three windows of 4
+    losses = []
+    for group, loss, metrics in model.training_losses(batch):
+        loss.backward()  # without retain_graph: fails if the graph reached back into the window before
+        losses.append(loss.detach())
+    assert group == "model" and len(losses) == 3
+    whole, _ = model.loss(batch)  # one pass over all 12 steps: the state flows the same way
+    torch.testing.assert_close(torch.stack(losses).mean(), whole)
+    torch.testing.assert_close(metrics["loss"], whole)  # the batch reports all its windows
+    torch.testing.assert_close(metrics["bits_per_char"], whole / torch.log(torch.tensor(2.0)))
 
 
 def test_loss_is_cross_entropy_in_nats_with_bits_per_char_alongside():
@@ -84,7 +101,7 @@ def test_loss_is_cross_entropy_in_nats_with_bits_per_char_alongside():
 def test_clipping_bounds_the_gradient_norm_of_each_step():
     """An RNN whose W_hh grows the state explodes its gradients; clipping caps every update."""
     torch.manual_seed(0)
-    model = sequence.CharModel(Recurrent(8, 16, "relu", identity_init=True), tiny_config(), 12)
+    model = sequence.CharModel(Recurrent(8, 16, "relu", identity_init=True), tiny_config(), 12, window=40)
     with torch.no_grad():
         model.core.cell.W_hh.mul_(1.3)  # the state grows 1.3× per step: gradients through 40 steps explode
     before = [p.detach().clone() for p in model.parameters()]

@@ -3,8 +3,11 @@
 A family only supplies the core: a module mapping (x [B, T, embedding_dim], state or None) to
 (outputs [B, T, hidden_size], state), the interface of `torch.nn.LSTM(batch_first=True)`.
 
-Training is truncated backpropagation through time: the training stream is cut into windows of
-`seq_length + 1` ids, each starting from a zero state. Evaluation is exact instead: every validation tune
+Training is truncated backpropagation through time: the training stream is cut into sequences of
+`carried_windows` windows of `seq_length` characters. Each sequence starts from a zero state, and the state
+flows on from one window into the next while gradients stop at the window's edge, with an optimizer step
+after every window (Williams & Peng 1990; char-rnn's stateful batches). So the model learns to use more
+context than one window, as it must when it reads a whole tune. Evaluation is exact: every validation tune
 from its start token to its end token, so no character is predicted from a truncated context.
 """
 
@@ -15,6 +18,7 @@ import json
 import math
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +48,7 @@ class ModelConfig(Section):
 
 class SequenceTrainConfig(TrainConfig):
     seq_length: int = Field(ge=2)  # characters per window: how far back gradients flow (truncated BPTT)
+    carried_windows: int = Field(ge=1)  # consecutive windows the state flows through; 1 = each from zero
     clip_grad_norm: float | None = Field(gt=0)  # recurrent nets' gradients explode: every recipe says how it clips
 
 
@@ -71,8 +76,9 @@ class Config(Section):
 class CharModel(Trainable):
     """Next-character logits at every step: ids [B, T] → logits [B, T, vocab]."""
 
-    def __init__(self, core: nn.Module, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, core: nn.Module, cfg: ModelConfig, vocab_size: int, window: int):
         super().__init__()
+        self.window = window  # training's truncation: gradients flow back this many characters
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim)
         self.core = core
         self.dropout = nn.Dropout(cfg.dropout)
@@ -97,19 +103,36 @@ class CharModel(Trainable):
         nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return nats, {"bits_per_char": nats / LN2}
 
+    def training_losses(self, batch: Batch) -> Iterator[tuple[str, Tensor, dict[str, Tensor]]]:
+        """One loss per window of the batch's sequences, the trainer stepping after each; the state goes on into
+        the next window, cut off from the graph of the one before (truncated BPTT)."""
+        inputs, targets = batch
+        state, total = None, torch.zeros(())
+        for count, (x, y) in enumerate(zip(inputs.split(self.window, 1), targets.split(self.window, 1),
+                                           strict=True), 1):
+            logits, state = self.step(x, state)
+            nats = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            total = total.to(nats.device) + nats.detach()
+            # "loss" here overrides the trainer's record of this step's loss: the batch reports all its windows.
+            yield "model", nats, {"loss": total / count, "bits_per_char": total / count / LN2}
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
-def windows(ids: Tensor, seq_length: int) -> Tensor:
-    """[T] → [N, seq_length + 1]: consecutive windows overlapping by one id, so each id is a target once."""
-    if len(ids) < seq_length + 1:
-        raise ValueError(f"{len(ids)} characters are fewer than one window of train.seq_length + 1 = "
-                         f"{seq_length + 1}; lower train.seq_length or prepare more tunes")
-    return ids.unfold(0, seq_length + 1, seq_length)
+
+def sequences(ids: Tensor, seq_length: int, carried_windows: int = 1) -> Tensor:
+    """[T] → [N, carried_windows · seq_length + 1]: consecutive sequences overlapping by one id, so each id is a
+    target once (the last incomplete sequence is left out)."""
+    length = carried_windows * seq_length
+    if len(ids) < length + 1:
+        raise ValueError(f"{len(ids)} characters are fewer than one sequence of train.carried_windows × "
+                         f"train.seq_length + 1 = {length + 1}; lower them or prepare more tunes")
+    return ids.unfold(0, length + 1, length)
 
 
 def single_variant(name: str, cfg: Config, core: nn.Module) -> dict[str, Variant]:
     vocab = tunes.load_vocab()
-    data = {split: (windows(tunes.load(split), cfg.train.seq_length),) for split in ("train", "val")}
-    return {name: Variant(CharModel(core, cfg.model, len(vocab)), data)}
+    t = cfg.train
+    data = {split: (sequences(tunes.load(split), t.seq_length, t.carried_windows),) for split in ("train", "val")}
+    return {name: Variant(CharModel(core, cfg.model, len(vocab), t.seq_length), data)}
 
 
 @torch.no_grad()
