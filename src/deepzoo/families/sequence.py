@@ -96,23 +96,25 @@ class CharModel(Trainable):
         (windows,) = batch  # [B, seq_length + 1]
         return windows[:, :-1], windows[:, 1:]  # each input character's target is the next one
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        inputs, targets = batch
-        logits = self(inputs)
+    def nats(self, inputs: Tensor, targets: Tensor, state: object = None) -> tuple[Tensor, object]:
+        """Mean cross-entropy of every step's next character, continuing from `state`; and the state after."""
+        logits, state = self.step(inputs, state)
         # A loss at every step, averaged: [B, T, vocab] → [B·T, vocab] against [B·T].
-        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), state
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        nats, _ = self.nats(*batch)
         return nats, {"bits_per_char": nats / LN2}
 
     def training_losses(self, batch: Batch) -> Iterator[tuple[str, Tensor, dict[str, Tensor]]]:
         """One loss per window of the batch's sequences, the trainer stepping after each; the state goes on into
         the next window, cut off from the graph of the one before (truncated BPTT)."""
         inputs, targets = batch
-        state, total = None, torch.zeros(())
+        state, total = None, 0.0
         for count, (x, y) in enumerate(zip(inputs.split(self.window, 1), targets.split(self.window, 1),
                                            strict=True), 1):
-            logits, state = self.step(x, state)
-            nats = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            total = total.to(nats.device) + nats.detach()
+            nats, state = self.nats(x, y, state)
+            total = total + nats.detach()
             # "loss" here overrides the trainer's record of this step's loss: the batch reports all its windows.
             yield "model", nats, {"loss": total / count, "bits_per_char": total / count / LN2}
             state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
