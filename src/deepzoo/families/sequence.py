@@ -93,8 +93,8 @@ class CharModel(Trainable):
         return self.step(ids)[0]
 
     def prepare(self, batch: Batch) -> Batch:
-        (windows,) = batch  # [B, seq_length + 1]
-        return windows[:, :-1], windows[:, 1:]  # each input character's target is the next one
+        (ids,) = batch  # [B, carried_windows · seq_length + 1]: sequences of consecutive windows
+        return ids[:, :-1], ids[:, 1:]  # each input character's target is the next one
 
     def nats(self, inputs: Tensor, targets: Tensor, state: object = None) -> tuple[Tensor, object]:
         """Mean cross-entropy of every step's next character, continuing from `state`; and the state after."""
