@@ -160,7 +160,7 @@ def roi_align(
             features[b : b + 1], grid[mine].reshape(1, -1, points, 2), align_corners=False, padding_mode="border"
         )
         samples[mine] = sampled.reshape(channels, -1, points, points).transpose(0, 1)  # [K_b, C, P, P]
-    return F.avg_pool2d(samples, sampling)
+    return samples if sampling == 1 else F.avg_pool2d(samples, sampling)  # a 1×1 average is a copy, and not cheap
 
 
 def match_anchors(anchors: Tensor, gt_boxes: Tensor, high: float = 0.7, low: float = 0.3) -> tuple[Tensor, Tensor]:
