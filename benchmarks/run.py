@@ -245,28 +245,36 @@ def noop_repro_seconds(repeats: int = 3) -> float | None:
     return timed_noop_repro(Path(), repeats)
 
 
-def noop_repro_floor_seconds(stages_count: int, repeats: int = 3) -> float:
+def noop_repro_floor_seconds(stages_count: int, deps_per_stage: int = 1, params: Path | None = None,
+                             repeats: int = 3) -> float:
     """DVC's own floor: a no-op `dvc repro` of a synthetic pipeline of `stages_count` trivial stages, each with
-    one small dependency and one output, in a scratch repository."""
+    `deps_per_stage` small dependencies (and, with `params`, a copy of that file as its params dependency) and
+    one output, in a scratch repository."""
     with tempfile.TemporaryDirectory() as scratch:
         repo = Path(scratch)
         subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
         subprocess.run([DVC, "init", "-q"], cwd=repo, check=True)
+        if params is not None:
+            shutil.copy(params, repo / "params.yaml")
         stages_yaml = {}
         for i in range(stages_count):
-            (repo / f"in_{i}.txt").write_text(f"{i}\n")
-            stages_yaml[f"s{i}"] = {"cmd": f"cp in_{i}.txt out_{i}.txt", "deps": [f"in_{i}.txt"],
-                                    "outs": [f"out_{i}.txt"]}
+            deps = [f"in_{i}_{j}.txt" for j in range(deps_per_stage)]
+            for j, dep in enumerate(deps):
+                (repo / dep).write_text(f"{i} {j}\n")
+            stages_yaml[f"s{i}"] = {"cmd": f"cp {deps[0]} out_{i}.txt", "deps": deps, "outs": [f"out_{i}.txt"],
+                                    **({"params": ["common"]} if params is not None else {})}
         (repo / "dvc.yaml").write_text(json.dumps({"stages": stages_yaml}))  # JSON is YAML
         subprocess.run([DVC, "repro", "-q"], cwd=repo, capture_output=True, check=True)
         return timed_noop_repro(repo, repeats)
 
 
-def pipeline_stages() -> int:
-    """Stages of deepzoo's pipeline (foreach expanded), as `dvc.lock` lists them."""
+def pipeline_shape() -> tuple[int, int]:
+    """Stages of deepzoo's pipeline (foreach expanded) and their dependencies per stage (rounded), as `dvc.lock`
+    lists them."""
     import yaml
 
-    return len(yaml.safe_load(Path("dvc.lock").read_text())["stages"])
+    stages = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+    return len(stages), round(sum(len(stage.get("deps", [])) for stage in stages.values()) / len(stages))
 
 
 def last_run_resources() -> dict[str, dict[str, float]]:
@@ -325,8 +333,12 @@ def main() -> None:
         results["mlflow_overhead_percent"] = tracking_overhead()
         results["stages"] = last_run_resources()
         results["noop_repro_seconds"] = noop_repro_seconds()
-        results["noop_repro_floor_seconds"] = noop_repro_floor_seconds(pipeline_stages())
-        print(f"no-op dvc repro: {results['noop_repro_seconds']} s (DVC's floor: {results['noop_repro_floor_seconds']} s); "
+        stages, deps = pipeline_shape()
+        results["noop_repro_floor_seconds"] = noop_repro_floor_seconds(stages)
+        # the same floor with deepzoo's shape: as many dependencies per stage, and params.yaml read by each
+        results["noop_repro_same_shape_floor_seconds"] = noop_repro_floor_seconds(stages, deps, Path("params.yaml"))
+        print(f"no-op dvc repro: {results['noop_repro_seconds']} s (DVC's floor: {results['noop_repro_floor_seconds']} s, "
+              f"{results['noop_repro_same_shape_floor_seconds']} s with {deps} deps and params.yaml per stage); "
               f"MLflow overhead %: {results['mlflow_overhead_percent']}")
     write_json(args.output, results)
 

@@ -93,6 +93,42 @@ def test_onecycle_warms_up_per_step_then_anneals_and_resumes_on_the_same_curve()
     assert [row["lr"] for row in resumed.history] == lrs
 
 
+def test_weight_average_is_what_evaluation_sees_what_training_returns_and_what_resumes():
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, schedule="none", patience=None, ema=0.9)
+    val = regression_data(64, seed=1)
+    model, result = train(cfg, val_data=val)
+    plain, _ = train(cfg.model_copy(update={"ema": None}), val_data=val)
+    # the same steps (same seed): the returned weights are their average, not the last step's
+    assert not torch.equal(model.linear.weight, plain.linear.weight)
+    assert F.mse_loss(model(val[0]), val[1]).item() == pytest.approx(result.history[-1]["val/loss"], rel=1e-5)
+
+    # the average by hand: w_t = w_{t-1} + (1 - d_t)(θ_t - w_{t-1}), d_t = min(0.9, (1 + t) / (10 + t)), w_0 = θ_0
+    torch.manual_seed(0)
+    by_hand = Regression()
+    average = copy.deepcopy(by_hand.linear.weight.detach())
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.05, momentum=0.9)
+    generator, step = torch.Generator().manual_seed(0), 0
+    for _ in range(3):
+        order = torch.randperm(256, generator=generator)
+        x, y = regression_data()
+        for start in range(0, 256, 32):
+            index = order[start : start + 32]
+            optimizer.zero_grad()
+            by_hand.loss((x[index], y[index]))[0].backward()
+            optimizer.step()
+            step += 1
+            average += (1 - min(0.9, (1 + step) / (10 + step))) * (by_hand.linear.weight.detach() - average)
+    assert torch.allclose(model.linear.weight, average, atol=1e-6)
+
+    checkpoints = []
+    torch.manual_seed(0)
+    fit(Regression(), regression_data(), val, cfg, CPU, torch.Generator().manual_seed(0),
+        on_checkpoint=lambda state: checkpoints.append(copy.deepcopy(state)))
+    resumed = Regression()
+    fit(resumed, regression_data(), val, cfg, CPU, torch.Generator(), resume=checkpoints[0])
+    assert torch.equal(resumed.linear.weight, model.linear.weight)
+
+
 class Threshold(Trainable):
     """Classifies x > 0; its accuracy is the share of the batch it gets right."""
 

@@ -48,6 +48,9 @@ class TrainConfig(Section):
     patience: int | None = Field(ge=1)  # early-stopping patience in epochs; null disables it
     min_delta: float = Field(0.0, ge=0)
     clip_grad_norm: float | None = Field(None, gt=0)
+    # An exponential moving average of the weights, updated after every step with this decay (e.g. 0.998): what
+    # every evaluation sees and what training returns. null: no average, the last step's weights.
+    ema: float | None = Field(None, gt=0, lt=1)
     # A classifier's test accuracy after every epoch (never used to choose anything; its time is not training
     # time), and the training seconds until it first reaches this: how fast a recipe gets to a result.
     target_accuracy: float | None = Field(None, gt=0, le=1)

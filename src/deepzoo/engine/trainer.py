@@ -196,6 +196,37 @@ def evaluate(model: Trainable, data: Batch, batch_size: int, device: torch.devic
     return averager.means()
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics (Polyak averaging, as in
+    timm's ModelEmaV2): a smoother model than any single step's, for the price of one copy of the weights.
+
+    Its decay warms up as (1 + t) / (10 + t) over the first steps t, so that early averages do not hold on to the
+    random initial weights. Build it after the model has its final device and memory format: it pairs up tensors.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        weight = 1 - min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for averaged, current in self._pairs:
+            if averaged.is_floating_point():
+                averaged.lerp_(current, weight)
+            else:  # batch norm's step counter
+                averaged.copy_(current)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.steps = saved["steps"]
+
+
 class EarlyStopping:
     """Stop when validation loss has not improved by `min_delta` for `patience` epochs; keep the best weights."""
 
@@ -219,7 +250,8 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
         generator: torch.Generator, on_epoch: Callable[[int, dict[str, float]], None] = lambda *_: None,
         mixed_precision: bool = True, resume: dict[str, Any] | None = None,
         on_checkpoint: Callable[[dict[str, Any]], None] | None = None, test: Batch | None = None) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch.
+    """Train `model` in place; on return it holds the weights of the best validation epoch (with `cfg.ema`, of the
+    weight average: every evaluation here measures the average).
 
     With `cfg.target_accuracy` set, the `test` split is measured after every epoch (`monitor/*` in the history:
     not `test/*`, the final evaluation's names)
@@ -243,8 +275,10 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
     schedules = [s for s in (make_schedule(opt, cfg, steps_per_epoch(len(train[0]), cfg)) for opt in optimizers.values())
                  if s is not None]
     per_step = [s for s in schedules if isinstance(s, torch.optim.lr_scheduler.OneCycleLR)]
+    average = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
+    evaluated = average.model if average is not None else model  # what every evaluation and early stopping see
     stopper, result = EarlyStopping(cfg.patience, cfg.min_delta), FitResult()
-    state = TrainingState(model, optimizers, schedules, stopper, result, generator)
+    state = TrainingState(model, optimizers, schedules, stopper, result, generator, average)
     first_epoch, earlier_seconds, first_losses, done = 1, 0.0, {}, False
     if resume is not None:
         first_epoch, earlier_seconds, first_losses, done = state.load(resume)
@@ -254,16 +288,16 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
         if done:
             break
         epoch_start = time.perf_counter()
-        row, first = _train_epoch(model, groups, optimizers, per_step, train, cfg, device, generator, epoch,
+        row, first = _train_epoch(model, groups, optimizers, per_step, average, train, cfg, device, generator, epoch,
                                   mixed_precision)
         first_losses = first_losses or {k: v for k, v in first.items() if k.endswith("loss")}
         _check_growth(row, first_losses, epoch, cfg)
         if val is not None:
-            row |= {f"val/{k}": v for k, v in evaluate(model, val, cfg.batch_size, device, mixed_precision).items()}
+            row |= {f"val/{k}": v for k, v in evaluate(evaluated, val, cfg.batch_size, device, mixed_precision).items()}
         row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         row["epoch_seconds"] = time.perf_counter() - epoch_start
         if cfg.target_accuracy is not None and test is not None:
-            row |= {f"monitor/{k}": v for k, v in evaluate(model, test, cfg.batch_size, device, mixed_precision).items()}
+            row |= {f"monitor/{k}": v for k, v in evaluate(evaluated, test, cfg.batch_size, device, mixed_precision).items()}
             monitoring += time.perf_counter() - epoch_start - row["epoch_seconds"]
         result.history.append(row)
         result.epochs_run = epoch
@@ -273,7 +307,7 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
                 schedule.step(monitored)
             elif schedule not in per_step:
                 schedule.step()
-        done = stopper.should_stop(epoch, row.get("val/loss"), model)
+        done = stopper.should_stop(epoch, row.get("val/loss"), evaluated)
         if on_checkpoint is not None:  # first: an epoch that was reported is an epoch that resumes
             on_checkpoint(state.save(epoch, earlier_seconds + time.perf_counter() - start - monitoring, first_losses, done))
         on_epoch(epoch, row)
@@ -282,6 +316,8 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
             distributed.print_once(f"early stopping: val/loss has not improved for {stopper.stalled} epochs "
                  f"(best {stopper.best_loss:.4g} at epoch {stopper.best_epoch})")
     _check_learned(model, result.history, first_losses, cfg)
+    if average is not None:
+        model.load_state_dict(average.model.state_dict())
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     result.best_epoch = stopper.best_epoch or result.epochs_run
@@ -313,6 +349,7 @@ class TrainingState:
     stopper: EarlyStopping
     result: FitResult
     generator: torch.Generator
+    average: WeightAverage | None = None
 
     def save(self, epoch: int, seconds: float, first_losses: dict[str, float], done: bool) -> dict[str, Any]:
         return {"epoch": epoch, "seconds": seconds, "first_losses": first_losses, "done": done,
@@ -320,6 +357,7 @@ class TrainingState:
                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
                 "schedules": [schedule.state_dict() for schedule in self.schedules],
                 "stopper": {k: getattr(self.stopper, k) for k in ("best_loss", "best_epoch", "stalled", "best_state")},
+                "average": self.average.state_dict() if self.average is not None else None,
                 "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
@@ -332,6 +370,8 @@ class TrainingState:
             schedule.load_state_dict(schedule_state)
         for key, value in saved["stopper"].items():
             setattr(self.stopper, key, value)
+        if self.average is not None:
+            self.average.load_state_dict(saved["average"])
         self.result.history, self.result.epochs_run = list(saved["history"]), saved["epoch"]
         torch.set_rng_state(saved["rng"]["torch"])
         self.generator.set_state(saved["rng"]["generator"])
@@ -341,7 +381,7 @@ class TrainingState:
 
 
 def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimizers: dict[str, torch.optim.Optimizer],
-                 per_step: list[Any], train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator,
+                 per_step: list[Any], average: WeightAverage | None, train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator,
                  epoch: int, mixed_precision: bool) -> tuple[dict[str, float], dict[str, float]]:
     model.train()
     steps = batches(train, rank_batch_size(cfg), generator, cfg.max_batches, (distributed.rank(), distributed.world_size()))
@@ -363,6 +403,8 @@ def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimi
             metrics.update({"loss" if single else f"{group}_loss": loss, **group_metrics})
         for schedule in per_step:
             schedule.step()
+        if average is not None:
+            average.update()
         averager.add(metrics, len(batch[0]))
         if step % NAN_CHECK_EVERY == 0:
             _check_finite(averager, epoch, step, cfg, last=NAN_CHECK_EVERY)

@@ -3,7 +3,8 @@
 
 A full-resolution stem conv → stages of residual blocks (each halves the map and widens it) → global
 average pooling → Dense 10. The recipe's parts are params: shift-and-flip augmentation, label smoothing,
-a large batch with a warm-up + cosine ("onecycle") schedule, and test-time flip averaging.
+a large batch with a warm-up + cosine ("onecycle") schedule, an exponential moving average of the weights, and
+test-time flip averaging.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ class ModelConfig(Section):
     flip_tta: bool  # evaluation averages the logits of each image and its mirror image
 
 
+class TrainConfig(classifier.ClassifierTrainConfig):
+    warmup: float = Field(gt=0, lt=1)  # the recipe's warm-up and weight average are its own choices: no defaults
+    ema: float | None = Field(gt=0, lt=1)
+
+
 class Config(Section):
     model: ModelConfig
-    train: classifier.ClassifierTrainConfig
+    train: TrainConfig
     evaluate: classifier.EvaluateConfig
 
 
