@@ -98,7 +98,9 @@ def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
 
 
 def trainer_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
-    one_epoch = cfg.model_copy(update={"epochs": 1, "max_batches": n_batches, "patience": None, "schedule": "none"})
+    # the loop's own cost only: a recipe's schedule and weight average are work the bare loop does not do
+    one_epoch = cfg.model_copy(update={"epochs": 1, "max_batches": n_batches, "patience": None, "schedule": "none",
+                                       "ema": None})
     return fit(model, data, None, one_epoch, device, torch.Generator().manual_seed(0)).samples_per_second
 
 
