@@ -80,7 +80,6 @@ class ResNet(classifier.ImageClassifier):
         return images, labels
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
         if self.cfg.flip_tta and not self.training:
             logits = (logits + self.net(x.flip(-1))) / 2
