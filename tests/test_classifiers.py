@@ -1,11 +1,13 @@
 """The Fashion-MNIST classifiers' shared parts (augmentation, label smoothing) and the `resnet` family."""
 
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from configs import shipped
 
-from deepzoo.families import classifier, resnet
+from deepzoo.families import classifier, residual, resnet
 
 
 def test_shift_and_flip_moves_each_image_on_its_own_and_keeps_every_pixel_value():
@@ -30,13 +32,61 @@ def shipped_resnet(**model):
 def test_resnet_maps_images_to_ten_logits_and_halves_the_map_per_stage(widths, blocks):
     model = shipped_resnet(widths=widths, blocks=blocks)
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
-    features = model.net[:-3](torch.rand(1, 1, 28, 28))  # before pooling
+    features = model.trunk(torch.rand(1, 1, 28, 28))  # before pooling
     assert features.shape[1:] == (widths[-1], *[-(-28 // 2 ** len(widths))] * 2)
-    assert sum(isinstance(m, resnet.ResidualBlock) for m in model.modules()) == len(widths) * blocks
+    assert sum(isinstance(m, residual.ResidualBlock) for m in model.modules()) == len(widths) * blocks
+
+
+def save_resnet(path, **model) -> resnet.ResNet:
+    """A resnet's checkpoint as `train@resnet` writes it: its config and (here random) weights."""
+    torch.manual_seed(0)
+    cfg = shipped("resnet", resnet.Config, model=model)
+    trained = resnet.ResNet(cfg.model)
+    torch.save({"config": cfg.model_dump(mode="json"), "state_dict": trained.state_dict()}, path)
+    return trained.eval()
+
+
+def test_a_backbone_starts_from_the_trained_resnets_stem_and_first_stages(tmp_path):
+    trained = save_resnet(tmp_path / "resnet.pt", widths=[4, 8, 16], blocks=1)
+    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True)
+    levels = backbone.build()
+    tags = backbone.load_pretrained(levels, path=tmp_path / "resnet.pt")
+    expected = trained.trunk[:3].state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in levels.state_dict().items())
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(levels.eval()(x), trained.trunk[:3](x))  # the same up to memory layout
+    assert tags == {"pretrained_from": str(tmp_path / "resnet.pt"), "pretrained_run_id": "unknown",
+                    "pretrained_sha256": hashlib.sha256((tmp_path / "resnet.pt").read_bytes()).hexdigest(),
+                    "pretrained_stages": "2", "pretrained_classifier": "false"}  # not asked for, nor the whole trunk
+
+
+def test_a_layer_scoring_background_and_the_classes_starts_as_the_trained_resnets_classifier(tmp_path):
+    trained = save_resnet(tmp_path / "resnet.pt", widths=[4, 8], blocks=1)
+    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True)
+    dense, conv = torch.nn.Linear(8, 11), torch.nn.Conv2d(8, 11, 1)  # R-CNN's classifier, FCN's score layer
+    for scores in (dense, conv):
+        tags = backbone.load_pretrained(backbone.build(), scores, tmp_path / "resnet.pt")
+        assert tags["pretrained_classifier"] == "true"
+    features = torch.rand(3, 8)
+    for logits in (dense(features), conv(features[:, :, None, None])[:, :, 0, 0]):
+        torch.testing.assert_close(logits[:, 1:], trained.head[2](features))
+        assert torch.equal(logits[:, 0], torch.zeros(3))  # background starts at zero
+    short = residual.Backbone(widths=(4,), blocks=1, pretrained=True)  # its features are not what resnet scored
+    assert short.load_pretrained(short.build(), dense, tmp_path / "resnet.pt")["pretrained_classifier"] == "false"
+
+
+@pytest.mark.parametrize("widths, blocks", [((4, 16), 1), ((4, 8), 2)])
+def test_a_backbone_that_is_not_the_start_of_the_trained_resnet_is_a_clear_error(tmp_path, widths, blocks):
+    save_resnet(tmp_path / "resnet.pt", widths=[4, 8, 16], blocks=1)
+    backbone = residual.Backbone(widths=widths, blocks=blocks, pretrained=True)
+    with pytest.raises(ValueError, match=r"is not the start of the resnet trained in .*pretrained: false"):
+        backbone.load_pretrained(backbone.build(), path=tmp_path / "resnet.pt")
+    with pytest.raises(FileNotFoundError, match=r"dvc repro train@resnet"):
+        backbone.load_pretrained(backbone.build(), path=tmp_path / "missing.pt")
 
 
 def test_a_residual_block_with_a_zero_residual_passes_its_input_through():
-    block = resnet.ResidualBlock(4, 4, stride=1).eval()
+    block = residual.ResidualBlock(4, 4, stride=1).eval()
     torch.nn.init.zeros_(block.residual[-1].weight)  # the last BN's scale: F(x) = 0
     x = torch.rand(2, 4, 7, 7)
     assert torch.allclose(block(x), x)

@@ -10,6 +10,7 @@ from deepzoo.ops.detection import (
     decode_boxes,
     encode_boxes,
     match_anchors,
+    mirror,
     nms,
     remove_small,
     roi_align,
@@ -22,6 +23,18 @@ def random_boxes(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch
     corner = torch.rand(n, 2, generator=generator, dtype=dtype) * 100
     size = 5 + torch.rand(n, 2, generator=generator, dtype=dtype) * 35
     return torch.cat([corner, corner + size], dim=1)
+
+
+def test_a_mirrored_scene_keeps_its_boxes_tight_around_its_items():
+    images = torch.zeros(2, 1, 12, 20)
+    images[:, 0, 2:5, 3:9] = 1  # an item at x 3–9, y 2–5 in both scenes
+    boxes = torch.tensor([[[3.0, 2.0, 9.0, 5.0]]]).repeat(2, 1, 1)
+    flipped, moved = mirror(images, boxes, torch.tensor([True, False]))
+    assert torch.equal(flipped[0, 0].nonzero().amin(0), torch.tensor([2, 11]))  # columns 20 − 9 … 20 − 3 − 1
+    assert torch.equal(moved[0], torch.tensor([[11.0, 2.0, 17.0, 5.0]]))
+    assert torch.equal(flipped[1], images[1]) and torch.equal(moved[1], boxes[1])
+    twice = mirror(flipped, moved, torch.tensor([True, False]))
+    assert torch.equal(twice[0], images) and torch.equal(twice[1], boxes)
 
 
 def test_iou_against_hand_computed_values():

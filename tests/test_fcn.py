@@ -6,11 +6,16 @@ import pytest
 import torch
 
 from deepzoo.families import fcn
+from deepzoo.families.residual import Backbone
+
+
+def config(widths: tuple[int, ...], skips: int) -> fcn.ModelConfig:
+    return fcn.ModelConfig(backbone=Backbone(widths=widths, blocks=1, pretrained=False), skips=skips, flip=False)
 
 
 @pytest.mark.parametrize("skips", [0, 1, 2])
 def test_logits_have_the_input_size_and_eleven_labels(skips):
-    model = fcn.FCN(fcn.ModelConfig(widths=(4, 8, 16), skips=skips))
+    model = fcn.FCN(config((4, 8), skips))
     assert len(model.score) == skips + 1
     assert model(torch.rand(2, 1, 96, 96)).shape == (2, 11, 96, 96)
     assert model(torch.rand(1, 1, 32, 48)).shape == (1, 11, 32, 48)  # fully convolutional: any size
@@ -18,7 +23,7 @@ def test_logits_have_the_input_size_and_eleven_labels(skips):
 
 def test_a_few_steps_fit_one_scene():
     torch.manual_seed(0)
-    model = fcn.FCN(fcn.ModelConfig(widths=(8, 16), skips=1))
+    model = fcn.FCN(config((8, 16), 1))
     images = torch.zeros(1, 32, 32, dtype=torch.uint8)
     images[0, 8:20, 8:20] = 200
     masks = (images > 30).byte() * 3
@@ -34,5 +39,16 @@ def test_a_few_steps_fit_one_scene():
 
 
 def test_more_skips_than_finer_levels_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"skips \(3\) must be below the number of levels \(3\)"):
-        fcn.FCN(fcn.ModelConfig(widths=(4, 8, 16), skips=3))
+    with pytest.raises(ValueError, match=r"skips \(3\) must be below the number of encoder levels \(the stem and 2"):
+        config((4, 8), 3)
+
+
+def test_training_mirrors_about_half_the_scenes_each_with_its_mask_and_evaluation_none():
+    model = fcn.FCN(config((4, 8), 1).model_copy(update={"flip": True}))
+    images = torch.randint(0, 256, (64, 6, 6), dtype=torch.uint8)
+    torch.manual_seed(0)
+    x, masks = model.train().prepare((images, images.clone()))  # a mask equal to its image shows where it went
+    assert torch.equal(masks, (x[:, 0] * 255).round().long())
+    mirrored = torch.tensor([not torch.equal(masks[i], images[i].long()) for i in range(len(images))])
+    assert 16 < mirrored.sum() < 48 and torch.equal(masks[mirrored], images[mirrored].flip(-1).long())
+    assert torch.equal(model.eval().prepare((images, images))[1], images.long())

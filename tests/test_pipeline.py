@@ -6,6 +6,7 @@ it (`workspace`), so every test passes alone and in any order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from deepzoo import registry
 from deepzoo.engine.tracking import mlflow_key
 
 FID_FAMILIES = {name for name, family in registry.FAMILIES.items() if registry.EMBEDDINGS in family.evaluation_reads}
+SCENES_FAMILIES = {name for name, family in registry.FAMILIES.items() if registry.PRETRAINED in family.training_reads}
 
 pytestmark = pytest.mark.pipeline
 
@@ -81,6 +83,13 @@ def test_a_cnn_experiment_reruns_only_the_cnn(workspace):
     set_param(workspace, "cnn", "train", "lr", 0.003)
     ran = stages_run(dvc(workspace, "repro"))
     assert ran == {"train@cnn", "evaluate@cnn", "summarize"}  # FID has its own extractor
+
+
+def test_a_resnet_experiment_reruns_the_scenes_families_that_start_from_it(workspace):
+    set_param(workspace, "resnet", "train", "lr", 0.004)
+    ran = stages_run(dvc(workspace, "repro"))
+    scenes = {f"{stage}@{family}" for stage in ("train", "evaluate") for family in SCENES_FAMILIES}
+    assert ran == {"train@resnet", "evaluate@resnet", "summarize"} | scenes
 
 
 def test_a_new_feature_extractor_reruns_only_the_fid_evaluations(workspace):
@@ -138,6 +147,11 @@ def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_mode
     for family in FID_FAMILIES:  # each FID names the extractor it was measured with
         assert tags[stages[f"evaluate@{family}"]]["fid_extractor_run_id"] == stages["embed_images"], family
         assert len(tags[stages[f"evaluate@{family}"]]["fid_extractor_sha256"]) == 64
+    resnet = baseline / "models/resnet"
+    for family in SCENES_FAMILIES:  # each names the resnet it started from
+        assert tags[stages[f"train@{family}"]]["pretrained_sha256"] == \
+            hashlib.sha256((resnet / "resnet.pt").read_bytes()).hexdigest(), family
+        assert tags[stages[f"train@{family}"]]["pretrained_run_id"] == stages["train@resnet"], family
     cnn_run = stages["train@cnn"]
     assert dict(db.execute("select name, status from runs where run_uuid = ?", (cnn_run,))) == {"cnn": "FINISHED"}
     params = dict(db.execute("select key, value from params where run_uuid = ?", (cnn_run,)))

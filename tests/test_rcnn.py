@@ -12,8 +12,8 @@ from deepzoo.families import rcnn
 from deepzoo.ops.detection import box_iou, decode_boxes
 
 # The proposal params are the shipped ones (params.yaml); the classifier is smaller than the shipped one, for speed.
-MODEL = {**yaml.safe_load((ROOT / "params.yaml").read_text())["rcnn"]["model"], "crop": 16, "channels": (16, 32),
-         "dense": 128}
+MODEL = {**yaml.safe_load((ROOT / "params.yaml").read_text())["rcnn"]["model"], "crop": 16,
+         "backbone": {"widths": (8, 16), "blocks": 1, "pretrained": False}}
 EVALUATE = rcnn.EvaluateConfig(score_threshold=0.05, nms=0.5, max_detections=100, figure_scenes=1)
 
 
@@ -96,7 +96,7 @@ def test_sampling_is_reproducible_under_the_global_seed(synthetic_scenes):
 
 
 def test_the_classifier_gives_eleven_scores_and_ten_refinements(synthetic_scenes):
-    model = rcnn.RCNN(model_config(crop=32, channels=(8, 16, 32)))
+    model = rcnn.RCNN(model_config(crop=32))
     crops = torch.rand(5, 1, 32, 32)
     logits, deltas = model.outputs(crops)
     assert logits.shape == (5, 11) and deltas.shape == (5, 10, 4)
@@ -106,7 +106,7 @@ def test_the_classifier_gives_eleven_scores_and_ten_refinements(synthetic_scenes
     assert model(example).shape == (len(example), 11)
 
 
-@pytest.mark.parametrize("change", [{"background_iou": 0.6}, {"crop": 20, "channels": (8, 16, 32)}])
+@pytest.mark.parametrize("change", [{"background_iou": 0.6}, {"crop": 2}])
 def test_inconsistent_model_configs_are_rejected(change):
     with pytest.raises(ValueError):
         model_config(**change)
@@ -122,7 +122,7 @@ def one_item_scene() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_a_short_fit_lowers_the_loss_and_then_detects_the_item():
     torch.manual_seed(0)
-    model = rcnn.RCNN(model_config(rois_per_scene=64, channels=(8, 16), dense=32))
+    model = rcnn.RCNN(model_config(rois_per_scene=64))
     optimizer = torch.optim.Adam(model.parameters(), 3e-3)
     scene = one_item_scene()
     first = model.loss(model.prepare(scene))[0].item()

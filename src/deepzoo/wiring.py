@@ -120,6 +120,8 @@ def family_vars(dvc_yaml: dict) -> dict[str, dict[str, dict]]:
         own = f"src/deepzoo/families/{name}.py"
         code = [own, *(p for p in collapse(stage_files("train", name)) if p != own and not covered(p, fixed))]
         families[name] = {"data": family.data, "code": fill_slots(dvc_yaml, "train", "code", code, own),
+                          "train_reads": fill_slots(dvc_yaml, "train", "train_reads", list(family.training_reads),
+                                                    f"data/processed/{family.data}"),
                           "reads": fill_slots(dvc_yaml, "evaluate", "reads", list(family.evaluation_reads),
                                               f"models/{name}")}
     generators = {name: {k: families[name][k] for k in ("data", "code")}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class Variant:
 
     model: Trainable
     data: dict[str, Batch]
+    # What sets the model's starting weights before training (pretrained ones), returning tags that name them.
+    warm_start: Callable[[], dict[str, str]] | None = None
 
 
 @dataclass
@@ -102,6 +105,10 @@ def train(name: str, restart: bool = False) -> None:
                 resume = point.state_of(variant_name)
                 if resume is not None and tracker is not None:
                     _log_missing_epochs(tracker, prefix, resume["history"])
+                if variant.warm_start is not None:  # before a resume too: the tags describe the run either way
+                    tags = variant.warm_start()
+                    if tracker is not None:
+                        tracker.set_tags({prefix + key: value for key, value in tags.items()})
                 distributed.print_once(f"training {name}/{variant_name} on {device} x {distributed.world_size()}")
                 results[variant_name] = fit(variant.model, variant.data["train"], variant.data.get("val"),
                                             cfg.train, device, generator, log, cfg.train.mixed_precision, resume,
@@ -116,11 +123,13 @@ def train(name: str, restart: bool = False) -> None:
 
 
 def fingerprint(name: str, cfg: Any, seed: int) -> str:
-    """What a training's result depends on: its params, seed and data files, and deepzoo's code (all of it:
-    a resume point is worth less than the certainty that no code changed under it)."""
+    """What a training's result depends on: its params, seed, data files and what else it reads (a pretrained
+    model), and deepzoo's code (all of it: a resume point is worth less than the certainty that no code changed
+    under it)."""
     digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
-    data = Path("data/processed") / registry.FAMILIES[name].data
-    for path in [*sorted(Path(deepzoo.__file__).parent.rglob("*.py")), *sorted(data.rglob("*"))]:
+    family = registry.FAMILIES[name]
+    read = [Path("data/processed") / family.data, *map(Path, family.training_reads)]
+    for path in [*sorted(Path(deepzoo.__file__).parent.rglob("*.py")), *sorted(p for r in read for p in r.rglob("*"))]:
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()

@@ -4,8 +4,10 @@ R-CNN crops every heuristic proposal out of the image and runs a CNN on each. Fa
 backbone over the whole image instead and shares its feature map between two small heads:
 - the region proposal network (RPN) slides over the map and, at every cell, scores A anchor boxes (a few sizes
   and aspect ratios) as object or not and regresses each towards the object it covers;
-- the detection head pools each of the best proposals' features to a fixed 7×7 grid (RoI Align) and classifies
-  it (10 classes + background) with one box refinement per class.
+- the detection head pools each of the best proposals' features to a fixed grid (RoI Align), runs the trunk's last
+  stage on it and averages it (the ResNet "C4" design of He et al. 2016), then classifies it (10 classes +
+  background) with one box refinement per class.
+The trunk is `resnet`'s, started from the trained classifier as Faster R-CNN started from ImageNet's.
 Both are trained together, from one loss: the RPN's (sampled anchors) plus the head's (sampled proposals).
 """
 
@@ -16,22 +18,24 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig, Width
+from deepzoo.config import Section, TrainConfig
 from deepzoo.data import fashion_mnist, scenes
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
+from deepzoo.families.residual import Backbone
 from deepzoo.metrics import detection
 from deepzoo.ops.detection import (anchors, batched_nms, box_iou, clip_boxes, decode_boxes, encode_boxes,
-                                   match_anchors, nms, remove_small, roi_align, sample_labels)
+                                   match_anchors, mirror, nms, remove_small, roi_align, sample_labels)
 
 EXPERIMENT = scenes.EXPERIMENT
 HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box head's targets are small offsets: scaled to about unit variance
 MIN_PROPOSAL = 2.0  # pixels: thinner proposals only add noise to NMS and pooling
-ROI_SIZE = 7  # RoI Align's output grid, as in the paper
 
 
 class ModelConfig(Section):
-    widths: tuple[Width, ...] = Field(min_length=2)  # backbone levels; each after the first halves the map
+    backbone: Backbone  # `resnet`'s trunk: all but its last stage make the shared map, of stride 2^(stages - 1)
+    roi_size: int = Field(ge=1)  # RoI Align's output grid: the proposal's features as the head's stage sees them
+    flip: bool  # training augmentation: each scene mirrored left-right with probability 1/2
     anchor_sizes: tuple[float, ...] = Field(min_length=1)  # √area of the anchors, pixels
     anchor_ratios: tuple[float, ...] = Field(min_length=1)  # height / width
     rpn_batch: int = Field(ge=2)  # anchors sampled per image for the RPN loss, up to half of them positive
@@ -40,7 +44,6 @@ class ModelConfig(Section):
     rpn_nms: float = Field(gt=0, le=1)  # IoU above which a lower-scored proposal is suppressed
     head_batch: int = Field(ge=2)  # proposals sampled per image for the head's loss
     head_positive_fraction: float = Field(gt=0, le=1)
-    hidden: int = Field(ge=1)  # width of the head's dense layer
     # The detector's post-processing, part of the model: the logged model serves its detections with them.
     score_threshold: float = Field(ge=0, lt=1)  # detections below this score are dropped
     nms: float = Field(gt=0, le=1)  # per-class IoU above which a lower-scored detection is suppressed
@@ -57,36 +60,39 @@ class Config(Section):
     evaluate: EvaluateConfig
 
 
-def backbone(widths: tuple[int, ...]) -> nn.Sequential:
-    """Conv → BN → ReLU per level, halving the map between levels: stride 2^(levels − 1)."""
-    layers: list[nn.Module] = []
-    for level, (inputs, outputs) in enumerate(zip((1, *widths), widths, strict=False)):
-        layers += [nn.MaxPool2d(2)] if level else []
-        layers += [nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
 class FasterRCNN(Trainable):
     def __init__(self, cfg: ModelConfig, canvas: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.stride = 2 ** (len(cfg.widths) - 1)
-        self.backbone = backbone(cfg.widths)
-        channels, per_cell = cfg.widths[-1], len(cfg.anchor_sizes) * len(cfg.anchor_ratios)
+        if len(cfg.backbone.widths) < 2:
+            raise ValueError("the backbone needs at least 2 stages: the shared map's and the head's")
+        self.stride = 2 ** (len(cfg.backbone.widths) - 1)
+        trunk = cfg.backbone.build()
+        self.backbone, head_stage = trunk[:-1], trunk[-1]
+        channels, per_cell = cfg.backbone.widths[-2], len(cfg.anchor_sizes) * len(cfg.anchor_ratios)
         self.rpn = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
         self.objectness = nn.Conv2d(channels, per_cell, 1)
         self.rpn_deltas = nn.Conv2d(channels, per_cell * 4, 1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * ROI_SIZE**2, cfg.hidden), nn.ReLU())
-        self.classify = nn.Linear(cfg.hidden, len(fashion_mnist.CLASSES) + 1)  # 0 = background
-        self.box_deltas = nn.Linear(cfg.hidden, len(fashion_mnist.CLASSES) * 4)
+        self.head = nn.Sequential(head_stage, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classify = nn.Linear(cfg.backbone.widths[-1], len(fashion_mnist.CLASSES) + 1)  # 0 = background
+        self.box_deltas = nn.Linear(cfg.backbone.widths[-1], len(fashion_mnist.CLASSES) * 4)
         cells = canvas // self.stride
         self.canvas = canvas
         self.register_buffer("anchors", anchors(cells, cells, self.stride, cfg.anchor_sizes, cfg.anchor_ratios),
                              persistent=False)
 
+    def trunk(self) -> nn.Sequential:
+        """The trunk's levels in order (the shared ones, then the head's stage): the same modules, not copies."""
+        return nn.Sequential(*self.backbone, self.head[0])
+
     def prepare(self, batch: Batch) -> Batch:
         images, *targets = batch
-        return images.unsqueeze(1).float().div_(255), *targets
+        images = images.unsqueeze(1).float().div_(255)
+        if self.training and self.cfg.flip:
+            boxes, labels = targets
+            images, boxes = mirror(images, boxes, torch.rand(len(images), device=images.device) < 0.5)
+            targets = [boxes, labels]
+        return images, *targets
 
     def propose(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """Features, per-anchor objectness logits [B, N] and deltas [B, N, 4], and each image's proposals."""
@@ -108,7 +114,7 @@ class FasterRCNN(Trainable):
     def head_outputs(self, features: Tensor, proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Class logits [R, 11] and per-class box deltas [R, 10, 4] of every image's proposals, concatenated."""
         index = torch.cat([torch.full((len(p),), b, device=features.device) for b, p in enumerate(proposals)])
-        pooled = roi_align(features, torch.cat(proposals), index, ROI_SIZE, 1 / self.stride, sampling=1)
+        pooled = roi_align(features, torch.cat(proposals), index, self.cfg.roi_size, 1 / self.stride, sampling=1)
         hidden = self.head(pooled)
         return self.classify(hidden), self.box_deltas(hidden).reshape(len(hidden), -1, 4)
 
@@ -170,14 +176,17 @@ class FasterRCNN(Trainable):
         best first, zero rows after the last: one tensor, so the logged model serves like any other."""
         rows = images.new_zeros(len(images), self.cfg.max_detections, 6)
         for b, found in enumerate(self.detect(images)):
-            rows[b, : len(found.labels)] = torch.cat([found.boxes, found.scores[:, None], found.labels[:, None].to(rows.dtype)], 1)
+            rows[b, : len(found.labels)] = torch.cat([found.boxes, found.scores[:, None],
+                                                      found.labels[:, None].to(rows.dtype)], 1)
         return rows
 
 
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: scenes.detection_tensors(scenes.load(split)) for split in scenes.SPLITS}
-    canvas = data["train"][0].shape[-1]
-    return {"faster_rcnn": Variant(FasterRCNN(cfg.model, canvas), data)}
+    model = FasterRCNN(cfg.model, data["train"][0].shape[-1])
+    backbone = cfg.model.backbone
+    return {"faster_rcnn": Variant(model, data, (lambda: backbone.load_pretrained(model.trunk(), model.classify))
+                                   if backbone.pretrained else None)}
 
 
 def evaluate(ctx: Context) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """`fcn`: semantic segmentation with a fully convolutional network (Long et al. 2015; lecture 3).
 
-Every pixel of a scene gets one of 11 labels (0 = background, c + 1 = Fashion-MNIST class c). An encoder of conv
-blocks halves the resolution at each level, so its deepest features see whole garments: they know "what" but only
+Every pixel of a scene gets one of 11 labels (0 = background, c + 1 = Fashion-MNIST class c). The encoder is
+`resnet`'s trunk, started from the trained classifier as FCN started from ImageNet's: a full-resolution stem, then
+stages that each halve the resolution, so its deepest features see whole garments: they know "what" but only
 coarsely "where". A 1×1 convolution turns them into class scores, which are upsampled (bilinear) onto the next finer
 level and added to that level's own scores, `skips` times (FCN-8s: the two levels above the deepest of five), then
 upsampled to the input. No dense layer anywhere: the network takes a canvas of any size.
@@ -19,10 +20,11 @@ from matplotlib.colors import ListedColormap
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from deepzoo.config import Section, TrainConfig, Width
+from deepzoo.config import Section, TrainConfig
 from deepzoo.data import fashion_mnist, scenes
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable, evaluate as mean_loss
+from deepzoo.families.residual import Backbone
 from deepzoo.storage import save_figure
 
 EXPERIMENT = scenes.EXPERIMENT
@@ -30,13 +32,15 @@ LABELS = ("background", *fashion_mnist.CLASSES)
 
 
 class ModelConfig(Section):
-    widths: tuple[Width, ...] = Field(min_length=2)  # channels per encoder level; each after the first halves H, W
-    skips: int = Field(ge=0)  # finer levels whose class scores join the deepest's: 2 of 4 levels = FCN-8s
+    backbone: Backbone  # the encoder: its stem at full resolution, then each stage halves H, W
+    skips: int = Field(ge=0)  # finer levels whose class scores join the deepest's: 2 of 5 levels = FCN-8s
+    flip: bool  # training augmentation: each scene mirrored left-right (with its mask) with probability 1/2
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
-        if self.skips >= len(self.widths):
-            raise ValueError(f"skips ({self.skips}) must be below the number of levels ({len(self.widths)})")
+        if self.skips > len(self.backbone.widths):
+            raise ValueError(f"skips ({self.skips}) must be below the number of encoder levels (the stem and "
+                             f"{len(self.backbone.widths)} stages)")
         return self
 
 
@@ -51,33 +55,32 @@ class Config(Section):
     evaluate: EvaluateConfig
 
 
-def conv_block(inputs: int, outputs: int) -> nn.Sequential:
-    """Two 3×3 convolutions, each with batch norm and ReLU; padding keeps the size."""
-    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(),
-                         nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU())
-
-
 class FCN(Trainable):
     chance_accuracy = None  # background alone is ~80% of the pixels: accuracy says little, the IoUs say it
 
     def __init__(self, cfg: ModelConfig, classes: int = len(LABELS)) -> None:
         super().__init__()
-        self.down = nn.ModuleList(conv_block(a, b) for a, b in zip((1, *cfg.widths), cfg.widths, strict=False))
+        self.cfg = cfg
+        self.encoder = cfg.backbone.build()
+        widths = (cfg.backbone.widths[0], *cfg.backbone.widths)  # the stem's and each stage's
         # A 1×1 convolution scores every pixel of a level for each class; the deepest level and `skips` finer ones.
-        self.score = nn.ModuleList(nn.Conv2d(width, classes, 1) for width in reversed(cfg.widths[-1 - cfg.skips :]))
+        self.score = nn.ModuleList(nn.Conv2d(width, classes, 1) for width in reversed(widths[-1 - cfg.skips :]))
         # Channels-last from the start, as the trainer trains it: evaluation and the served model get oneDNN's fast
         # CPU convolutions too (1.4× per step here).
         self.to(memory_format=torch.channels_last)
 
     def prepare(self, batch: Batch) -> Batch:
         images, masks = batch
+        if self.training and self.cfg.flip:
+            flip = torch.rand(len(images), 1, 1, device=images.device) < 0.5
+            images, masks = torch.where(flip, images.flip(-1), images), torch.where(flip, masks.flip(-1), masks)
         return images.unsqueeze(1).float().div_(255), masks.long()
 
     def forward(self, x: Tensor) -> Tensor:
         """Images [B, 1, H, W] in [0, 1] → logits [B, 11, H, W]."""
         size, levels = x.shape[-2:], []
-        for depth, block in enumerate(self.down):
-            x = block(x if depth == 0 else F.max_pool2d(x, 2))
+        for level in self.encoder:
+            x = level(x)
             levels.append(x)
         # FCN-8s: the coarse scores know "what", finer levels' scores add "where", each upsampled onto the next.
         logits = self.score[0](levels[-1])
@@ -93,7 +96,9 @@ class FCN(Trainable):
 
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: (found["images"], found["masks"]) for split in scenes.SPLITS for found in [scenes.load(split)]}
-    return {"fcn": Variant(FCN(cfg.model), data)}
+    model, backbone = FCN(cfg.model), cfg.model.backbone
+    return {"fcn": Variant(model, data, (lambda: backbone.load_pretrained(model.encoder, model.score[0]))
+                           if backbone.pretrained else None)}
 
 
 @torch.no_grad()

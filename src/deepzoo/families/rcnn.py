@@ -4,8 +4,9 @@ The lecture's pipeline, in three steps that know nothing of each other:
 1. Region proposals, by a heuristic with nothing learned: windows of every width × height slide over the image and
    are ranked by how well they frame some foreground, i.e. every border strip touches it and they hold most of
    what lies in a ring around them. The best `proposals_per_image` windows go on.
-2. Every proposal, with a margin of context, is cropped and warped to a fixed square and classified by a small CNN
-   into 10 classes + background; the same CNN regresses one box refinement per class (class-specific bounding-box
+2. Every proposal, with a margin of context, is cropped and warped to a fixed square and classified by a CNN into
+   10 classes + background: `resnet`'s trunk, started from the trained classifier as R-CNN started from ImageNet's,
+   then global pooling; the same CNN regresses one box refinement per class (class-specific bounding-box
    regression). Trained on crops: proposals with IoU ≥ `positive_iou` with a ground-truth box (and the ground
    truth itself) are that box's class, those below `background_iou` background, a quarter positives per scene.
    As the paper's fine-tuned network, the softmax scores the crops (no per-class SVMs).
@@ -26,6 +27,7 @@ from deepzoo.config import Section, TrainConfig, Width
 from deepzoo.data import fashion_mnist, scenes
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
+from deepzoo.families.residual import Backbone
 from deepzoo.metrics import detection
 from deepzoo.ops.detection import (
     batched_nms,
@@ -50,9 +52,8 @@ class ModelConfig(Section):
     edge: float = Field(gt=0, le=0.5)  # width of the four border strips (fraction of the side) that must touch it
     proposals_per_image: int = Field(ge=1)  # best-ranked windows that are classified
     context: float = Field(ge=0)  # margin warped along with each proposal, as a fraction of its side
-    crop: int = Field(ge=4)  # side of the warped square, divisible by 2^len(channels)
-    channels: tuple[Width, ...] = Field(min_length=1)  # conv blocks, each halving the crop
-    dense: Width
+    crop: int = Field(ge=4)  # side of the warped square
+    backbone: Backbone  # the crop classifier's trunk, before global pooling
     rois_per_scene: int = Field(ge=2)  # crops sampled per training scene
     positive_fraction: float = Field(gt=0, lt=1)  # of them at most this share object crops
     positive_iou: float = Field(gt=0, le=1)  # a proposal this close to a ground-truth box is that object
@@ -62,8 +63,6 @@ class ModelConfig(Section):
     def _consistent(self) -> ModelConfig:
         if self.background_iou > self.positive_iou:
             raise ValueError(f"background_iou ({self.background_iou}) must be <= positive_iou ({self.positive_iou})")
-        if self.crop % 2 ** len(self.channels):
-            raise ValueError(f"crop ({self.crop}) must be divisible by 2^{len(self.channels)} (one halving per block)")
         return self
 
 
@@ -134,21 +133,16 @@ def propose(images: Tensor, cfg: ModelConfig) -> Tensor:
     return windows[best].float()
 
 
-def conv_block(inputs: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(),
-                         nn.MaxPool2d(2))
-
-
 class RCNN(Trainable):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.chance_accuracy = 1 - cfg.positive_fraction  # calling every crop background
-        side = cfg.crop // 2 ** len(cfg.channels)
-        self.features = nn.Sequential(*(conv_block(a, b) for a, b in zip((1, *cfg.channels), cfg.channels)),
-                                      nn.Flatten(), nn.Linear(cfg.channels[-1] * side**2, cfg.dense), nn.ReLU())
-        self.classify = nn.Linear(cfg.dense, CLASSES + 1)  # 0 = background
-        self.box_deltas = nn.Linear(cfg.dense, CLASSES * 4)
+        self.trunk = cfg.backbone.build()
+        self.features = nn.Sequential(self.trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        width = cfg.backbone.widths[-1]
+        self.classify = nn.Linear(width, CLASSES + 1)  # 0 = background
+        self.box_deltas = nn.Linear(width, CLASSES * 4)
 
     def warp(self, images: Tensor, boxes: Tensor, index: Tensor) -> Tensor:
         """Crops [N, 1, crop, crop] of `boxes` [N, 4] (with their context) of images uint8 [B, H, W]."""
@@ -235,7 +229,9 @@ class RCNN(Trainable):
 
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: scenes.detection_tensors(scenes.load(split)) for split in scenes.SPLITS}
-    return {"rcnn": Variant(RCNN(cfg.model), data)}
+    model, backbone = RCNN(cfg.model), cfg.model.backbone
+    return {"rcnn": Variant(model, data, (lambda: backbone.load_pretrained(model.trunk, model.classify))
+                            if backbone.pretrained else None)}
 
 
 def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5, batch_size: int = 100) -> float:

@@ -5,6 +5,8 @@ A full-resolution stem conv → stages of residual blocks (each halves the map a
 average pooling → Dense 10. The recipe's parts are params: shift-and-flip augmentation, label smoothing,
 a large batch with a warm-up + cosine ("onecycle") schedule, an exponential moving average of the weights, and
 test-time flip averaging.
+
+Its trained trunk (`residual.trunk`) is where the scenes families start.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from deepzoo.engine.stages import Variant
 from deepzoo.engine.trainer import Batch
 from deepzoo.families import classifier
 from deepzoo.families.classifier import EXPERIMENT, evaluate  # noqa: F401 - the family contract
+from deepzoo.families.residual import trunk
 
 
 class ModelConfig(Section):
@@ -39,37 +42,12 @@ class Config(Section):
     evaluate: classifier.EvaluateConfig
 
 
-class ResidualBlock(nn.Module):
-    """y = ReLU(F(x) + x): the block learns a residual F, so a deep stack starts near the identity and its
-    gradients reach the first layers through the shortcuts."""
-
-    def __init__(self, inputs: int, outputs: int, stride: int):
-        super().__init__()
-        self.residual = nn.Sequential(
-            nn.Conv2d(inputs, outputs, 3, stride, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(),
-            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs))
-        # Where the shape changes, the shortcut averages 2×2 cells, then a 1×1 conv projects it (ResNet-D, He et al.
-        # 2019): a strided 1×1 conv would drop 3 of every 4 inputs (and crashes on 4-channel channels-last CPU tensors).
-        downsample = [nn.AvgPool2d(stride, ceil_mode=True, count_include_pad=False)] if stride > 1 else []
-        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
-            *downsample, nn.Conv2d(inputs, outputs, 1, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (self.residual(x) + self.shortcut(x)).relu()
-
-
 class ResNet(classifier.ImageClassifier):
     def __init__(self, cfg: ModelConfig, classes: int = 10):
         super().__init__()
         self.cfg, self.label_smoothing = cfg, cfg.label_smoothing
-        layers: list[nn.Module] = [nn.Conv2d(1, cfg.widths[0], 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(cfg.widths[0]), nn.ReLU()]
-        inputs = cfg.widths[0]
-        for width in cfg.widths:
-            for block in range(cfg.blocks):
-                layers.append(ResidualBlock(inputs, width, stride=2 if block == 0 else 1))
-                inputs = width
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, classes))
+        self.trunk = trunk(cfg.widths, cfg.blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cfg.widths[-1], classes))
         # oneDNN's CPU convolutions, like tensor cores, run fastest on channels-last tensors (1.6× here).
         self.to(memory_format=torch.channels_last)
 
@@ -80,11 +58,12 @@ class ResNet(classifier.ImageClassifier):
         return images, labels
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.net(x)
+        logits = self.head(self.trunk(x))
         if self.cfg.flip_tta and not self.training:
-            logits = (logits + self.net(x.flip(-1))) / 2
+            logits = (logits + self.head(self.trunk(x.flip(-1)))) / 2
         return logits
 
 
 def variants(cfg: Config) -> dict[str, Variant]:
     return classifier.single_variant("resnet", ResNet(cfg.model))
+

@@ -75,6 +75,15 @@ def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
 
 
+def mirror(images: Tensor, boxes: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
+    """Images [B, …, W] and their boxes [B, M, 4] mirrored left-right where `flip` [B] (bool) is set: the
+    horizontal-flip augmentation of Fast and Faster R-CNN."""
+    width = images.shape[-1]
+    mirrored = torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
+    images = torch.where(flip.view(-1, *[1] * (images.dim() - 1)), images.flip(-1), images)
+    return images, torch.where(flip.view(-1, 1, 1), mirrored, boxes)
+
+
 def remove_small(boxes: Tensor, min_size: float) -> Tensor:
     """Indices [K] of the boxes at least `min_size` wide and high: slivers only add noise to NMS and RoI pooling."""
     keep = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)

@@ -1,0 +1,90 @@
+"""Residual networks' parts (He et al. 2016): the block, the trunk of `resnet`, and that trunk as the backbone the
+scenes families start from.
+
+Detectors and segmenters fine-tune a network pretrained on classification, as R-CNN, Faster R-CNN and FCN did with
+ImageNet's: here the trained `resnet`, whose stem and first stages (`Backbone`) become their feature extractor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from deepzoo.config import Section, Width
+
+CHECKPOINT = Path("models/resnet/resnet.pt")  # the trained classifier whose trunk the scenes families start from
+
+
+class ResidualBlock(nn.Module):
+    """y = ReLU(F(x) + x): the block learns a residual F, so a deep stack starts near the identity and its
+    gradients reach the first layers through the shortcuts."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs))
+        # Where the shape changes, the shortcut averages 2×2 cells, then a 1×1 conv projects it (ResNet-D, He et al.
+        # 2019): a strided 1×1 conv would drop 3 of every 4 inputs (and crashes on 4-channel channels-last CPU tensors).
+        downsample = [nn.AvgPool2d(stride, ceil_mode=True, count_include_pad=False)] if stride > 1 else []
+        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
+            *downsample, nn.Conv2d(inputs, outputs, 1, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.residual(x) + self.shortcut(x)).relu()
+
+
+def trunk(widths: tuple[int, ...] | list[int], blocks: int) -> nn.Sequential:
+    """[stem, stage 1, stage 2, …]: a full-resolution stem conv with `widths[0]` channels, then a stage per width
+    of `blocks` residual blocks, the first halving the map. Level i's map has stride 2^i."""
+    levels = [nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())]
+    for inputs, width in zip((widths[0], *widths), widths, strict=False):
+        levels.append(nn.Sequential(*(ResidualBlock(inputs if block == 0 else width, width, 2 if block == 0 else 1)
+                                      for block in range(blocks))))
+    return nn.Sequential(*levels)
+
+
+class Backbone(Section):
+    """The stem and first stages of `resnet`'s trunk, as a scenes family's feature extractor."""
+
+    widths: tuple[Width, ...] = Field(min_length=1)  # channels of its stages: the start of `resnet.model.widths`
+    blocks: int = Field(ge=1)  # residual blocks per stage, as `resnet.model.blocks`
+    pretrained: bool  # start from the trained `resnet`'s weights (models/resnet) instead of random ones
+
+    def build(self) -> nn.Sequential:
+        return trunk(self.widths, self.blocks)
+
+    def load_pretrained(self, levels: nn.Sequential, scores: nn.Linear | nn.Conv2d | None = None,
+                        path: Path = CHECKPOINT) -> dict[str, str]:
+        """Copy the trained `resnet`'s stem and first stages into `levels` (built by `build`) and, given the layer
+        that scores background + 10 classes on the last of all its stages, its dense layer into that layer's class
+        rows (background starting at zero: FCN's "convolutionalised" classifier); what was copied from which
+        checkpoint, as tags for the run."""
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the scenes families start from the trained resnet, run "
+                                    f"`dvc repro train@resnet` first (or set their backbone's `pretrained: false`)")
+        checkpoint = torch.load(path, map_location="cpu")
+        trained, state = checkpoint["config"]["model"], checkpoint["state_dict"]
+        if self.blocks != trained["blocks"] or list(self.widths) != trained["widths"][: len(self.widths)]:
+            raise ValueError(f"the backbone (widths {list(self.widths)}, blocks {self.blocks}) is not the start of "
+                             f"the resnet trained in {path} (widths {trained['widths']}, blocks "
+                             f"{trained['blocks']}): make its widths a prefix of resnet.model.widths with the same "
+                             f"blocks, or set `pretrained: false`")
+        levels.load_state_dict({key.removeprefix("trunk."): value for key, value in state.items()
+                                if key.startswith("trunk.") and int(key.split(".")[1]) < len(levels)})
+        scores = scores if len(self.widths) == len(trained["widths"]) else None  # its features are what it scored
+        if scores is not None:
+            with torch.no_grad():
+                scores.weight.zero_()
+                scores.bias.zero_()
+                scores.weight[1:] = state["head.2.weight"].view_as(scores.weight[1:])
+                scores.bias[1:] = state["head.2.bias"]
+        run = path.parent / "training.json"  # what `train@resnet` wrote beside it: its MLflow run
+        return {"pretrained_from": str(path), "pretrained_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "pretrained_run_id": json.loads(run.read_text())["run_id"] if run.is_file() else "unknown",
+                "pretrained_stages": str(len(self.widths)), "pretrained_classifier": str(scores is not None).lower()}
