@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from configs import shipped
 
+from deepzoo.engine import stages
 from deepzoo.families import classifier, residual, resnet
 
 
@@ -83,6 +84,9 @@ def test_a_backbone_that_is_not_the_start_of_the_trained_resnet_is_a_clear_error
         backbone.load_pretrained(backbone.build(), path=tmp_path / "resnet.pt")
     with pytest.raises(FileNotFoundError, match=r"dvc repro train@resnet"):
         backbone.load_pretrained(backbone.build(), path=tmp_path / "missing.pt")
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "resnet.pt").read_bytes()[:100])
+    with pytest.raises(stages.CheckpointError, match=r"torn.pt cannot be read .*dvc checkout models/resnet"):
+        backbone.load_pretrained(backbone.build(), path=tmp_path / "torn.pt")
 
 
 def test_a_residual_block_with_a_zero_residual_passes_its_input_through():

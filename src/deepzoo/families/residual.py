@@ -15,9 +15,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from deepzoo import registry
 from deepzoo.config import Section, Width
+from deepzoo.engine import stages
 
-CHECKPOINT = Path("models/resnet/resnet.pt")  # the trained classifier whose trunk the scenes families start from
+CHECKPOINT = Path(registry.PRETRAINED) / "resnet.pt"  # the classifier whose trunk the scenes families start from
 
 
 class ResidualBlock(nn.Module):
@@ -68,7 +70,7 @@ class Backbone(Section):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the scenes families start from the trained resnet, run "
                                     f"`dvc repro train@resnet` first (or set their backbone's `pretrained: false`)")
-        checkpoint = torch.load(path, map_location="cpu")
+        checkpoint = stages._load_checkpoint(path, "resnet")  # an unreadable file: how to restore it
         trained, state = checkpoint["config"]["model"], checkpoint["state_dict"]
         if self.blocks != trained["blocks"] or list(self.widths) != trained["widths"][: len(self.widths)]:
             raise ValueError(f"the backbone (widths {list(self.widths)}, blocks {self.blocks}) is not the start of "
