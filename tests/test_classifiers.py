@@ -1,5 +1,6 @@
 """The Fashion-MNIST classifiers' shared parts (augmentation, label smoothing) and the `resnet` family."""
 
+import copy
 import hashlib
 
 import pytest
@@ -49,7 +50,7 @@ def save_resnet(path, **model) -> resnet.ResNet:
 
 def test_a_backbone_starts_from_the_trained_resnets_stem_and_first_stages(tmp_path):
     trained = save_resnet(tmp_path / "resnet.pt", widths=[4, 8, 16], blocks=1)
-    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True)
+    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True, frozen=0)
     levels = backbone.build()
     tags = backbone.load_pretrained(levels, path=tmp_path / "resnet.pt")
     expected = trained.trunk[:3].state_dict()
@@ -63,7 +64,7 @@ def test_a_backbone_starts_from_the_trained_resnets_stem_and_first_stages(tmp_pa
 
 def test_a_layer_scoring_background_and_the_classes_starts_as_the_trained_resnets_classifier(tmp_path):
     trained = save_resnet(tmp_path / "resnet.pt", widths=[4, 8], blocks=1)
-    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True)
+    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True, frozen=0)
     dense, conv = torch.nn.Linear(8, 11), torch.nn.Conv2d(8, 11, 1)  # R-CNN's classifier, FCN's score layer
     for scores in (dense, conv):
         tags = backbone.load_pretrained(backbone.build(), scores, tmp_path / "resnet.pt")
@@ -72,14 +73,14 @@ def test_a_layer_scoring_background_and_the_classes_starts_as_the_trained_resnet
     for logits in (dense(features), conv(features[:, :, None, None])[:, :, 0, 0]):
         torch.testing.assert_close(logits[:, 1:], trained.head[2](features))
         assert torch.equal(logits[:, 0], torch.zeros(3))  # background starts at zero
-    short = residual.Backbone(widths=(4,), blocks=1, pretrained=True)  # its features are not what resnet scored
+    short = residual.Backbone(widths=(4,), blocks=1, pretrained=True, frozen=0)  # not the features resnet scored
     assert short.load_pretrained(short.build(), dense, tmp_path / "resnet.pt")["pretrained_classifier"] == "false"
 
 
 @pytest.mark.parametrize("widths, blocks", [((4, 16), 1), ((4, 8), 2)])
 def test_a_backbone_that_is_not_the_start_of_the_trained_resnet_is_a_clear_error(tmp_path, widths, blocks):
     save_resnet(tmp_path / "resnet.pt", widths=[4, 8, 16], blocks=1)
-    backbone = residual.Backbone(widths=widths, blocks=blocks, pretrained=True)
+    backbone = residual.Backbone(widths=widths, blocks=blocks, pretrained=True, frozen=0)
     with pytest.raises(ValueError, match=r"is not the start of the resnet trained in .*pretrained: false"):
         backbone.load_pretrained(backbone.build(), path=tmp_path / "resnet.pt")
     with pytest.raises(FileNotFoundError, match=r"dvc repro train@resnet"):
@@ -87,6 +88,42 @@ def test_a_backbone_that_is_not_the_start_of_the_trained_resnet_is_a_clear_error
     (tmp_path / "torn.pt").write_bytes((tmp_path / "resnet.pt").read_bytes()[:100])
     with pytest.raises(stages.CheckpointError, match=r"torn.pt cannot be read .*dvc checkout models/resnet"):
         backbone.load_pretrained(backbone.build(), path=tmp_path / "torn.pt")
+
+
+def test_frozen_levels_keep_their_trained_weights_and_statistics_while_the_rest_trains(tmp_path):
+    save_resnet(tmp_path / "resnet.pt", widths=[4, 8, 16], blocks=1)
+    backbone = residual.Backbone(widths=(4, 8, 16), blocks=1, pretrained=True, frozen=2)
+    levels = backbone.build()
+    backbone.load_pretrained(levels, path=tmp_path / "resnet.pt")
+    assert not any(p.requires_grad for p in levels[:2].parameters())
+    assert all(p.requires_grad for p in levels[2:].parameters())
+    before = copy.deepcopy(levels.state_dict())
+    optimizer = torch.optim.SGD(levels.parameters(), lr=0.1)  # as the trainer: every parameter in the optimizer
+    levels.train()
+    levels(torch.rand(4, 1, 28, 28)).square().mean().backward()
+    optimizer.step()
+    changed = {key for key, value in levels.state_dict().items() if not torch.equal(value, before[key])}
+    assert {key.split(".")[0] for key in changed} == {"2", "3"}  # weights and batch-norm statistics
+    assert any(key.endswith("running_mean") for key in changed)
+
+
+def test_frozen_batch_norm_normalises_as_batch_norm_does_at_evaluation_in_both_modes():
+    norm = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        for tensor in (norm.weight, norm.bias, norm.running_mean):
+            tensor.normal_()
+        norm.running_var.uniform_(0.5, 2)
+    frozen = residual.FrozenBatchNorm2d(3)
+    frozen.load_state_dict(norm.state_dict())  # the same keys: a trained resnet loads into it
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(frozen.train()(x), norm.eval()(x))
+
+
+@pytest.mark.parametrize("frozen, pretrained, message", [(4, True, "more levels than the backbone's 3"),
+                                                         (1, False, "randomly initialised levels")])
+def test_freezing_levels_that_do_not_exist_or_were_never_trained_is_a_clear_error(frozen, pretrained, message):
+    with pytest.raises(ValueError, match=message):
+        residual.Backbone(widths=(4, 8), blocks=1, pretrained=pretrained, frozen=frozen)
 
 
 def test_a_residual_block_with_a_zero_residual_passes_its_input_through():

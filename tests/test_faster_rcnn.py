@@ -9,8 +9,9 @@ from deepzoo.families import faster_rcnn
 from deepzoo.families.residual import Backbone
 from deepzoo.ops.detection import box_iou
 
-MODEL = faster_rcnn.ModelConfig(backbone=Backbone(widths=(8, 16, 16), blocks=1, pretrained=False), roi_size=4,
-                                flip=False, anchor_sizes=(16.0, 32.0), anchor_ratios=(0.5, 1.0, 2.0), rpn_batch=64,
+MODEL = faster_rcnn.ModelConfig(backbone=Backbone(widths=(8, 16, 16), blocks=1, pretrained=False, frozen=0),
+                                roi_size=4, flip=False, anchor_sizes=(16.0, 32.0),
+                                anchor_ratios=(0.5, 1.0, 2.0), rpn_batch=64,
                                 proposals_train=32, proposals_test=16, rpn_nms=0.7, head_batch=16,
                                 head_positive_fraction=0.25, score_threshold=0.05, nms=0.5, max_detections=10)
 

@@ -13,7 +13,7 @@ from deepzoo.ops.detection import box_iou, decode_boxes
 
 # The proposal params are the shipped ones (params.yaml); the classifier is smaller than the shipped one, for speed.
 MODEL = {**yaml.safe_load((ROOT / "params.yaml").read_text())["rcnn"]["model"], "crop": 16,
-         "backbone": {"widths": (8, 16), "blocks": 1, "pretrained": False}}
+         "backbone": {"widths": (8, 16), "blocks": 1, "pretrained": False, "frozen": 0}}
 EVALUATE = rcnn.EvaluateConfig(score_threshold=0.05, nms=0.5, max_detections=100, figure_scenes=1)
 
 

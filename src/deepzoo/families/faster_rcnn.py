@@ -80,6 +80,8 @@ class FasterRCNN(Trainable):
         self.canvas = canvas
         self.register_buffer("anchors", anchors(cells, cells, self.stride, cfg.anchor_sizes, cfg.anchor_ratios),
                              persistent=False)
+        # Channels-last from the start, as the trainer trains it, so detection gets oneDNN's fast CPU convolutions too.
+        self.to(memory_format=torch.channels_last)
 
     def trunk(self) -> nn.Sequential:
         """The trunk's levels in order (the shared ones, then the head's stage): the same modules, not copies."""

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from deepzoo import registry
@@ -22,32 +23,54 @@ from deepzoo.engine import stages
 CHECKPOINT = Path(registry.PRETRAINED) / "resnet.pt"  # the classifier whose trunk the scenes families start from
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm fixed at its trained statistics and affine, in training too: how ResNet detectors fine-tune a
+    pretrained trunk on small batches (He et al. 2016; Detectron also freezes the stem and first stage). Its state
+    has batch norm's keys, so a trained resnet loads into it."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class ResidualBlock(nn.Module):
     """y = ReLU(F(x) + x): the block learns a residual F, so a deep stack starts near the identity and its
     gradients reach the first layers through the shortcuts."""
 
-    def __init__(self, inputs: int, outputs: int, stride: int):
+    def __init__(self, inputs: int, outputs: int, stride: int, norm: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.residual = nn.Sequential(
-            nn.Conv2d(inputs, outputs, 3, stride, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(),
-            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs))
+            nn.Conv2d(inputs, outputs, 3, stride, padding=1, bias=False), norm(outputs), nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), norm(outputs))
         # Where the shape changes, the shortcut averages 2×2 cells, then a 1×1 conv projects it (ResNet-D, He et al.
         # 2019): a strided 1×1 conv would drop 3 of every 4 inputs (and crashes on 4-channel channels-last CPU tensors).
         downsample = [nn.AvgPool2d(stride, ceil_mode=True, count_include_pad=False)] if stride > 1 else []
         self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
-            *downsample, nn.Conv2d(inputs, outputs, 1, bias=False), nn.BatchNorm2d(outputs))
+            *downsample, nn.Conv2d(inputs, outputs, 1, bias=False), norm(outputs))
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.residual(x) + self.shortcut(x)).relu()
 
 
-def trunk(widths: tuple[int, ...] | list[int], blocks: int) -> nn.Sequential:
+def trunk(widths: tuple[int, ...] | list[int], blocks: int, frozen: int = 0) -> nn.Sequential:
     """[stem, stage 1, stage 2, …]: a full-resolution stem conv with `widths[0]` channels, then a stage per width
-    of `blocks` residual blocks, the first halving the map. Level i's map has stride 2^i."""
-    levels = [nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())]
-    for inputs, width in zip((widths[0], *widths), widths, strict=False):
-        levels.append(nn.Sequential(*(ResidualBlock(inputs if block == 0 else width, width, 2 if block == 0 else 1)
-                                      for block in range(blocks))))
+    of `blocks` residual blocks, the first halving the map. Level i's map has stride 2^i. The first `frozen`
+    levels get no gradients and keep their batch norm statistics."""
+    def norm(level: int) -> type[nn.Module]:
+        return FrozenBatchNorm2d if level < frozen else nn.BatchNorm2d
+
+    levels = [nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), norm(0)(widths[0]), nn.ReLU())]
+    for level, (inputs, width) in enumerate(zip((widths[0], *widths), widths, strict=False), 1):
+        levels.append(nn.Sequential(*(ResidualBlock(inputs if block == 0 else width, width, 2 if block == 0 else 1,
+                                                    norm(level)) for block in range(blocks))))
+    for level in levels[:frozen]:
+        level.requires_grad_(False)
     return nn.Sequential(*levels)
 
 
@@ -57,9 +80,20 @@ class Backbone(Section):
     widths: tuple[Width, ...] = Field(min_length=1)  # channels of its stages: the start of `resnet.model.widths`
     blocks: int = Field(ge=1)  # residual blocks per stage, as `resnet.model.blocks`
     pretrained: bool  # start from the trained `resnet`'s weights (models/resnet) instead of random ones
+    frozen: int = Field(ge=0)  # first levels (the stem is level 0) kept as trained: no gradients, fixed batch norm
+
+    @model_validator(mode="after")
+    def _frozen_levels_exist_and_are_trained(self) -> Backbone:
+        if self.frozen > len(self.widths) + 1:
+            raise ValueError(f"frozen {self.frozen} is more levels than the backbone's {len(self.widths) + 1} "
+                             f"(a stem and {len(self.widths)} stages)")
+        if self.frozen and not self.pretrained:
+            raise ValueError(f"frozen {self.frozen} would keep randomly initialised levels: set `frozen: 0` or "
+                             f"`pretrained: true`")
+        return self
 
     def build(self) -> nn.Sequential:
-        return trunk(self.widths, self.blocks)
+        return trunk(self.widths, self.blocks, self.frozen)
 
     def load_pretrained(self, levels: nn.Sequential, scores: nn.Linear | nn.Conv2d | None = None,
                         path: Path = CHECKPOINT) -> dict[str, str]:
