@@ -52,7 +52,7 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 
 
 TARGET_ACCURACY = 0.91
-LECTURE_RECIPE = {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "schedule": "none"}  # the 6.S191 lab's
+LECTURE_RECIPE = {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "schedule": "none", "ema": None}  # the 6.S191 lab's
 
 
 def fresh_variant(family_name: str, seed: int = 0, **train: object):

@@ -217,7 +217,7 @@ def test_a_killed_training_resumes_after_its_last_epoch_bit_for_bit_in_the_same_
 def test_changed_params_train_from_the_start(workdir):
     write_params(workdir, SLOW_CNN)
     kill_after_epoch_one(workdir)
-    write_params(workdir, {"cnn": {"train": {"lr": 0.003}}})
+    write_params(workdir, {"cnn": {"train": {"lr": 0.004}}})  # not the default
     done = deepzoo(workdir, "train", "cnn")
     assert done.returncode == 0 and "resuming" not in done.stdout, done.stderr[-3000:]
     assert "is of other params, data or code: training cnn from the start" in done.stdout

@@ -80,7 +80,7 @@ def test_second_repro_runs_nothing_even_after_python_wrote_bytecode_beside_the_s
 
 
 def test_a_cnn_experiment_reruns_only_the_cnn(workspace):
-    set_param(workspace, "cnn", "train", "lr", 0.003)
+    set_param(workspace, "cnn", "train", "lr", 0.004)  # not the default
     ran = stages_run(dvc(workspace, "repro"))
     assert ran == {"train@cnn", "evaluate@cnn", "summarize"}  # FID has its own extractor
 
@@ -256,7 +256,7 @@ def test_dvc_remote_restores_models_and_data_on_a_fresh_clone(workspace, tmp_pat
 
 def test_queued_experiments_run_in_parallel_each_with_its_own_mlflow_run(workspace):
     git_commit_all(workspace, "baseline for experiments")
-    for lr in ("0.003", "0.004"):
+    for lr in ("0.004", "0.005"):  # neither is the default
         dvc(workspace, "exp", "run", "--queue", "-S", f"cnn.train.lr={lr}")
     dvc(workspace, "queue", "start", "-j", "2")
     try:
@@ -276,7 +276,7 @@ def test_queued_experiments_run_in_parallel_each_with_its_own_mlflow_run(workspa
     experiments = dict(db.execute(  # run name → the experiment's learning rate, for the cnn's training runs
         "select r.name, p.value from params p join runs r on p.run_uuid = r.run_uuid "
         "where r.name like 'cnn · %' and p.key = 'train.lr'"))
-    assert sorted(experiments.values()) == ["0.003", "0.004"]  # logged to the repository's store, not a temp copy
+    assert sorted(experiments.values()) == ["0.004", "0.005"]  # logged to the repository's store, not a temp copy
     for name in experiments:  # names that tell the runs apart, and tags that name their experiments
         (run,) = db.execute("select run_uuid from runs where name = ?", (name,)).fetchone()
         tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run,)))

@@ -126,7 +126,7 @@ def test_a_short_fit_lowers_the_loss_and_then_detects_the_item():
     optimizer = torch.optim.Adam(model.parameters(), 3e-3)
     scene = one_item_scene()
     first = model.loss(model.prepare(scene))[0].item()
-    for _ in range(60):
+    for _ in range(150):  # 60 steps left the box's IoU at 0.74–0.81, depending on the thread count
         loss, metrics = model.loss(model.prepare(scene))
         optimizer.zero_grad()
         loss.backward()

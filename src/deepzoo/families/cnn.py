@@ -31,9 +31,13 @@ class ModelConfig(Section):
     augment: bool  # random shifts of up to 2 pixels and horizontal flips while training
 
 
+class TrainConfig(classifier.ClassifierTrainConfig):
+    ema: float | None = Field(gt=0, lt=1)  # the recipe's weight average is its own choice: no default
+
+
 class Config(Section):
     model: ModelConfig
-    train: classifier.ClassifierTrainConfig
+    train: TrainConfig
     evaluate: classifier.EvaluateConfig
 
 
