@@ -77,6 +77,20 @@ def test_a_layer_scoring_background_and_the_classes_starts_as_the_trained_resnet
     assert short.load_pretrained(short.build(), dense, tmp_path / "resnet.pt")["pretrained_classifier"] == "false"
 
 
+def test_a_pretrained_backbones_warm_start_loads_the_resnet_when_called_and_a_random_one_has_none(tmp_path,
+                                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the checkpoint where `train@resnet` writes it
+    residual.CHECKPOINT.parent.mkdir(parents=True)
+    trained = save_resnet(residual.CHECKPOINT, widths=[4, 8], blocks=1)
+    backbone = residual.Backbone(widths=(4, 8), blocks=1, pretrained=True, frozen=0)
+    levels, dense = backbone.build(), torch.nn.Linear(8, 11)
+    warm_start = backbone.warm_start(levels, dense)
+    assert not torch.equal(dense.weight[1:], trained.head[2].weight)  # nothing loaded yet
+    assert warm_start()["pretrained_from"] == str(residual.CHECKPOINT)
+    assert torch.equal(dense.weight[1:], trained.head[2].weight)
+    assert backbone.model_copy(update={"pretrained": False}).warm_start(levels, dense) is None
+
+
 @pytest.mark.parametrize("widths, blocks", [((4, 16), 1), ((4, 8), 2)])
 def test_a_backbone_that_is_not_the_start_of_the_trained_resnet_is_a_clear_error(tmp_path, widths, blocks):
     save_resnet(tmp_path / "resnet.pt", widths=[4, 8, 16], blocks=1)

@@ -186,9 +186,7 @@ class FasterRCNN(Trainable):
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: scenes.detection_tensors(scenes.load(split)) for split in scenes.SPLITS}
     model = FasterRCNN(cfg.model, data["train"][0].shape[-1])
-    backbone = cfg.model.backbone
-    return {"faster_rcnn": Variant(model, data, (lambda: backbone.load_pretrained(model.trunk(), model.classify))
-                                   if backbone.pretrained else None)}
+    return {"faster_rcnn": Variant(model, data, cfg.model.backbone.warm_start(model.trunk(), model.classify))}
 
 
 def evaluate(ctx: Context) -> dict[str, float]:

@@ -96,9 +96,8 @@ class FCN(Trainable):
 
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: (found["images"], found["masks"]) for split in scenes.SPLITS for found in [scenes.load(split)]}
-    model, backbone = FCN(cfg.model), cfg.model.backbone
-    return {"fcn": Variant(model, data, (lambda: backbone.load_pretrained(model.encoder, model.score[0]))
-                           if backbone.pretrained else None)}
+    model = FCN(cfg.model)
+    return {"fcn": Variant(model, data, cfg.model.backbone.warm_start(model.encoder, model.score[0]))}
 
 
 @torch.no_grad()

@@ -231,9 +231,8 @@ class RCNN(Trainable):
 
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: scenes.detection_tensors(scenes.load(split)) for split in scenes.SPLITS}
-    model, backbone = RCNN(cfg.model), cfg.model.backbone
-    return {"rcnn": Variant(model, data, (lambda: backbone.load_pretrained(model.trunk, model.classify))
-                            if backbone.pretrained else None)}
+    model = RCNN(cfg.model)
+    return {"rcnn": Variant(model, data, cfg.model.backbone.warm_start(model.trunk, model.classify))}
 
 
 def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5, batch_size: int = 100) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,6 +95,12 @@ class Backbone(Section):
 
     def build(self) -> nn.Sequential:
         return trunk(self.widths, self.blocks, self.frozen)
+
+    def warm_start(self, levels: nn.Sequential, scores: nn.Linear | nn.Conv2d | None = None
+                   ) -> Callable[[], dict[str, str]] | None:
+        """What a scenes family's `Variant.warm_start` runs: `load_pretrained` into its modules, or nothing when the
+        backbone starts from random weights."""
+        return (lambda: self.load_pretrained(levels, scores)) if self.pretrained else None
 
     def load_pretrained(self, levels: nn.Sequential, scores: nn.Linear | nn.Conv2d | None = None,
                         path: Path = CHECKPOINT) -> dict[str, str]:
