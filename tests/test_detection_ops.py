@@ -12,9 +12,12 @@ from deepzoo.ops.detection import (
     match_anchors,
     mirror,
     nms,
+    region_targets,
     remove_small,
     roi_align,
     sample_labels,
+    training_regions,
+    truth_iou,
 )
 
 
@@ -189,11 +192,46 @@ def test_match_anchors_follows_the_faster_rcnn_rule():
         ]
     )
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [200.0, 200.0, 230.0, 230.0]])
-    labels, matched = match_anchors(boxes, gt, high=0.7, low=0.3)
-    assert labels.tolist() == [1, 0, -1, 1]
-    assert matched[0] == 0 and matched[3] == 1
-    labels, matched = match_anchors(boxes, torch.empty(0, 4))
-    assert labels.tolist() == [0, 0, 0, 0] and matched.shape == (4,)
+    labels, matched = match_anchors(boxes, gt[None], torch.tensor([[3, 7]]), high=0.7, low=0.3)
+    assert labels.tolist() == [[1, 0, -1, 1]]
+    assert matched[0, 0] == 0 and matched[0, 3] == 1
+    labels, matched = match_anchors(boxes, torch.empty(1, 0, 4), torch.empty(1, 0, dtype=torch.long))
+    assert labels.tolist() == [[0, 0, 0, 0]] and matched.shape == (1, 4)
+
+
+def test_padding_of_a_batch_ground_truth_matches_nothing():
+    """A batch pads each image's gt to the most boxes with label −1 (box 0): the result per image is what that
+    image alone gives, and an image with only padding has background anchors."""
+    boxes = random_boxes(300, seed=3)
+    gt = torch.stack([random_boxes(3, seed=4), torch.cat([random_boxes(1, seed=5), torch.zeros(2, 4)]),
+                      torch.zeros(3, 4)])
+    gt_labels = torch.tensor([[1, 2, 3], [4, -1, -1], [-1, -1, -1]])
+    labels, matched = match_anchors(boxes, gt, gt_labels, high=0.5, low=0.2)
+    for image in range(2):
+        real = gt_labels[image] >= 0
+        alone, alone_matched = match_anchors(boxes, gt[image][real][None], gt_labels[image][real][None], 0.5, 0.2)
+        assert torch.equal(labels[image], alone[0]) and torch.equal(matched[image], alone_matched[0])
+    assert (labels[1] == 1).any() and (labels[2] == 0).all()
+    assert (truth_iou(boxes, gt, gt_labels)[gt_labels[:, None, :].expand(-1, 300, -1) < 0] == -1).all()
+
+
+def test_training_regions_add_the_truth_and_give_each_region_its_role_class_and_target():
+    proposals = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [50.0, 50.0, 60.0, 60.0]],
+                              [[20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True, True], [True, False, False]])  # image 1 has one proposal, then padding
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 12.0], [0.0, 0.0, 0.0, 0.0]], [[20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 5.0, 5.0]]])
+    gt_labels = torch.tensor([[4, -1], [0, 9]])
+    regions, role, nearest = training_regions(proposals, gt, gt_labels, 0.7, 0.3, valid)
+    assert torch.equal(regions[:, 3:], gt)  # the ground truth follows the proposals
+    # IoU 100/120, 120/200 (neither), 0; the gt itself, padding | the gt box; padding, padding; both gt boxes
+    assert role.tolist() == [[1, -1, 0, 1, -1], [1, -1, -1, 1, 1]]
+    assert nearest[1].tolist()[3:] == [0, 1]
+    chosen = role >= 0
+    boxes, image, classes, deltas = region_targets(regions, chosen, role, nearest, gt, gt_labels, (1.0,) * 4)
+    assert image.tolist() == [0, 0, 0, 1, 1, 1] and classes.tolist() == [5, 0, 5, 1, 1, 10]
+    assert torch.equal(boxes, regions[chosen])
+    torch.testing.assert_close(decode_boxes(boxes[classes > 0], deltas[classes > 0]),
+                               gt[image[classes > 0], nearest[chosen][classes > 0]])
 
 
 def test_sample_labels_respects_the_quota_and_the_seed():

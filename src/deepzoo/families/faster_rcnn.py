@@ -24,8 +24,9 @@ from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
 from deepzoo.families.residual import Backbone
 from deepzoo.metrics import detection
-from deepzoo.ops.detection import (anchors, batched_nms, box_iou, clip_boxes, decode_boxes, encode_boxes,
-                                   match_anchors, mirror, nms, remove_small, roi_align, sample_labels)
+from deepzoo.ops.detection import (anchors, batched_nms, clip_boxes, decode_boxes, encode_boxes, match_anchors,
+                                   mirror, nms, region_targets, remove_small, roi_align, sample_labels,
+                                   training_regions)
 
 EXPERIMENT = scenes.EXPERIMENT
 HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box head's targets are small offsets: scaled to about unit variance
@@ -105,47 +106,43 @@ class FasterRCNN(Trainable):
         deltas = self.rpn_deltas(hidden).reshape(batch, -1, 4, *hidden.shape[2:]).permute(0, 3, 4, 1, 2)
         deltas = deltas.reshape(batch, -1, 4)
         keep = self.cfg.proposals_train if self.training else self.cfg.proposals_test
+        decoded = clip_boxes(decode_boxes(self.anchors, deltas.detach()), self.canvas, self.canvas)  # [B, N, 4]
         proposals = []
-        for scores, offsets in zip(objectness.detach(), deltas.detach(), strict=True):
-            boxes = clip_boxes(decode_boxes(self.anchors, offsets), self.canvas, self.canvas)
+        for scores, boxes in zip(objectness.detach(), decoded, strict=True):
             sizable = remove_small(boxes, MIN_PROPOSAL)
             top = sizable[scores[sizable].topk(min(len(sizable), 2 * keep)).indices]  # NMS costs N²: prune first
             proposals.append(boxes[top[nms(boxes[top], scores[top], self.cfg.rpn_nms)[:keep]]])
         return features, objectness, deltas, proposals
 
-    def head_outputs(self, features: Tensor, proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Class logits [R, 11] and per-class box deltas [R, 10, 4] of every image's proposals, concatenated."""
-        index = torch.cat([torch.full((len(p),), b, device=features.device) for b, p in enumerate(proposals)])
-        pooled = roi_align(features, torch.cat(proposals), index, self.cfg.roi_size, 1 / self.stride, sampling=1)
+    def head_outputs(self, features: Tensor, boxes: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Class logits [R, 11] and per-class box deltas [R, 10, 4] of `boxes` [R, 4] on images `image` [R]."""
+        pooled = roi_align(features, boxes, image, self.cfg.roi_size, 1 / self.stride, sampling=1)
         hidden = self.head(pooled)
         return self.classify(hidden), self.box_deltas(hidden).reshape(len(hidden), -1, 4)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         images, gt_boxes, gt_labels = batch
         features, objectness, deltas, proposals = self.propose(images)
-        rpn_targets, rpn_offsets, sampled, classes, offsets = [], [], [], [], []
-        for b, boxes in enumerate(proposals):
-            present = gt_labels[b] >= 0
-            truth, labels = gt_boxes[b][present], gt_labels[b][present]
-            anchor_labels, matched = match_anchors(self.anchors, truth)
-            rpn_targets.append(sample_labels(anchor_labels, self.cfg.rpn_batch, 0.5, torch.default_generator))
-            rpn_offsets.append(encode_boxes(self.anchors, truth[matched]))
-            # The ground truth joins the proposals, so the head sees perfect boxes from the first step on.
-            boxes = torch.cat([boxes, truth])
-            best_iou, nearest = box_iou(boxes, truth).max(1)
-            positive = (best_iou >= 0.5).long()
-            chosen = sample_labels(positive, self.cfg.head_batch, self.cfg.head_positive_fraction,
-                                   torch.default_generator) >= 0
-            sampled.append(boxes[chosen])
-            classes.append(torch.where(positive.bool(), labels[nearest] + 1, 0)[chosen])
-            offsets.append(encode_boxes(boxes[chosen], truth[nearest[chosen]], HEAD_WEIGHTS))
-        rpn_target, rpn_offset = torch.stack(rpn_targets), torch.stack(rpn_offsets)
+        # The whole batch at once (its ground truth is padded, `truth_iou`); only the sampling goes image by image.
+        anchor_labels, matched = match_anchors(self.anchors, gt_boxes, gt_labels)  # [B, N]
+        rpn_offset = encode_boxes(self.anchors, gt_boxes.gather(1, matched[..., None].expand(-1, -1, 4)))
+        counts = torch.tensor([len(p) for p in proposals], device=images.device)
+        padded = nn.utils.rnn.pad_sequence(proposals, batch_first=True)  # [B, most proposals, 4]
+        regions, roles, nearest = training_regions(padded, gt_boxes, gt_labels, 0.5, 0.5,
+                                                   torch.arange(padded.shape[1], device=images.device) < counts[:, None])
+        rpn_targets, chosen = [], []
+        for labels, role in zip(anchor_labels, roles, strict=True):
+            rpn_targets.append(sample_labels(labels, self.cfg.rpn_batch, 0.5, torch.default_generator))
+            chosen.append(sample_labels(role, self.cfg.head_batch, self.cfg.head_positive_fraction,
+                                        torch.default_generator) >= 0)
+        rpn_target = torch.stack(rpn_targets)
         counted, positive_anchors = rpn_target >= 0, rpn_target == 1
         rpn_class = F.binary_cross_entropy_with_logits(objectness[counted], rpn_target[counted].float())
         rpn_box = F.smooth_l1_loss(deltas[positive_anchors], rpn_offset[positive_anchors], beta=1 / 9,
                                    reduction="sum") / counted.sum()
-        logits, box_deltas = self.head_outputs(features, sampled)
-        target, offset = torch.cat(classes), torch.cat(offsets)
+        boxes, image, target, offset = region_targets(regions, torch.stack(chosen), roles, nearest, gt_boxes,
+                                                      gt_labels, HEAD_WEIGHTS)
+        logits, box_deltas = self.head_outputs(features, boxes, image)
         foreground = target > 0
         head_class = F.cross_entropy(logits, target)
         head_box = F.smooth_l1_loss(box_deltas[foreground, target[foreground] - 1], offset[foreground], beta=1.0,
@@ -159,18 +156,21 @@ class FasterRCNN(Trainable):
         """Each image's detections: per-class refined boxes, scores above the threshold, per-class NMS."""
         cfg = self.cfg
         features, _, _, proposals = self.propose(images)
-        logits, box_deltas = self.head_outputs(features, proposals)
+        counts = [len(p) for p in proposals]
+        image = torch.arange(len(proposals), device=images.device).repeat_interleave(
+            torch.tensor(counts, device=images.device))
+        boxes = torch.cat(proposals)
+        logits, box_deltas = self.head_outputs(features, boxes, image)
+        refined = clip_boxes(decode_boxes(boxes[:, None], box_deltas, HEAD_WEIGHTS), self.canvas, self.canvas)
+        classes = torch.arange(len(fashion_mnist.CLASSES), device=boxes.device)
         found = []
-        for boxes, scores, offsets in zip(proposals, logits.softmax(1).split([len(p) for p in proposals]),
-                                          box_deltas.split([len(p) for p in proposals]), strict=True):
-            classes = len(fashion_mnist.CLASSES)
-            refined = decode_boxes(boxes.repeat_interleave(classes, 0), offsets.reshape(-1, 4), HEAD_WEIGHTS)
-            refined = clip_boxes(refined, self.canvas, self.canvas)
-            labels = torch.arange(classes, device=boxes.device).repeat(len(boxes))
-            scores = scores[:, 1:].reshape(-1)
+        for image_boxes, image_scores, proposed in zip(refined.split(counts), logits.softmax(1)[:, 1:].split(counts),
+                                                       counts, strict=True):
+            image_boxes, scores = image_boxes.reshape(-1, 4), image_scores.reshape(-1)  # proposal-major, class-minor
+            labels = classes.repeat(proposed)
             kept = torch.where(scores >= cfg.score_threshold)[0]
-            kept = kept[batched_nms(refined[kept], scores[kept], labels[kept], cfg.nms)[: cfg.max_detections]]
-            found.append(detection.Detections(refined[kept], scores[kept], labels[kept], len(boxes)))
+            kept = kept[batched_nms(image_boxes[kept], scores[kept], labels[kept], cfg.nms)[: cfg.max_detections]]
+            found.append(detection.Detections(image_boxes[kept], scores[kept], labels[kept], proposed))
         return found
 
     def forward(self, images: Tensor) -> Tensor:

@@ -31,12 +31,13 @@ from deepzoo.families.residual import Backbone
 from deepzoo.metrics import detection
 from deepzoo.ops.detection import (
     batched_nms,
-    box_iou,
     clip_boxes,
     decode_boxes,
-    encode_boxes,
+    region_targets,
     roi_align,
     sample_labels,
+    training_regions,
+    truth_iou,
 )
 
 EXPERIMENT = scenes.EXPERIMENT
@@ -159,22 +160,11 @@ class RCNN(Trainable):
         A proposal is its nearest object's class at IoU ≥ `positive_iou`, background below `background_iou`;
         `rois_per_scene` of them per scene, up to `positive_fraction` objects, drawn with torch's global generator.
         """
-        rois, scene, classes, targets = [], [], [], []
-        for b, proposals in enumerate(propose(images, self.cfg)):
-            present = gt_labels[b] >= 0
-            truth, labels = gt_boxes[b][present], gt_labels[b][present]
-            boxes = torch.cat([proposals, truth])  # the ground truth joins the proposals as sure positives
-            best_iou, nearest = box_iou(boxes, truth).max(1)
-            role = torch.full_like(nearest, -1)
-            role[best_iou < self.cfg.background_iou] = 0
-            role[best_iou >= self.cfg.positive_iou] = 1
-            chosen = sample_labels(role, self.cfg.rois_per_scene, self.cfg.positive_fraction, torch.default_generator)
-            chosen = chosen >= 0
-            rois.append(boxes[chosen])
-            scene.append(torch.full((int(chosen.sum()),), b, device=images.device))
-            classes.append(torch.where(role[chosen] == 1, labels[nearest[chosen]] + 1, 0))
-            targets.append(encode_boxes(boxes[chosen], truth[nearest[chosen]], BOX_WEIGHTS))
-        return torch.cat(rois), torch.cat(scene), torch.cat(classes), torch.cat(targets)
+        regions, roles, nearest = training_regions(propose(images, self.cfg), gt_boxes, gt_labels,
+                                                   self.cfg.positive_iou, self.cfg.background_iou)
+        chosen = torch.stack([sample_labels(role, self.cfg.rois_per_scene, self.cfg.positive_fraction,
+                                            torch.default_generator) >= 0 for role in roles])
+        return region_targets(regions, chosen, roles, nearest, gt_boxes, gt_labels, BOX_WEIGHTS)
 
     def prepare(self, batch: Batch) -> Batch:
         """Scenes → their sampled regions' crops [N, 1, crop, crop], classes [N] and box deltas [N, 4]."""
@@ -216,9 +206,8 @@ class RCNN(Trainable):
         index = torch.arange(len(images), device=images.device).repeat_interleave(count)
         logits, deltas = self.outputs(self.warp(images, proposals.reshape(-1, 4), index))
         scores = logits.softmax(1)[:, 1:].reshape(len(images), -1)  # [B, K · 10]: proposal-major, class-minor
-        boxes = decode_boxes(proposals.repeat_interleave(CLASSES, 1).reshape(-1, 4), deltas.reshape(-1, 4),
-                             BOX_WEIGHTS)
-        boxes = clip_boxes(boxes, height, width).reshape(len(images), -1, 4)
+        boxes = decode_boxes(proposals[:, :, None], deltas.reshape(len(images), count, CLASSES, 4), BOX_WEIGHTS)
+        boxes = clip_boxes(boxes, height, width).reshape(len(images), -1, 4)  # [B, K · 10, 4], as the scores
         labels = torch.arange(CLASSES, device=images.device).repeat(count)
         found = []
         for image_boxes, image_scores in zip(boxes, scores, strict=True):
@@ -241,10 +230,8 @@ def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5
     found = 0
     for start in range(0, len(images), batch_size):
         chunk = slice(start, start + batch_size)
-        for image_proposals, image_boxes, image_labels in zip(propose(images[chunk], cfg), boxes[chunk], labels[chunk],
-                                                              strict=True):
-            best = box_iou(image_boxes[image_labels >= 0], image_proposals).amax(1)
-            found += int((best >= iou).sum())
+        best = truth_iou(propose(images[chunk], cfg), boxes[chunk], labels[chunk]).amax(1)  # [B, G]: padding −1
+        found += int((best >= iou).sum())
     return found / len(truth["boxes"])
 
 

@@ -20,31 +20,34 @@ Weights = tuple[float, float, float, float]  # (wx, wy, ww, wh) of the box param
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """Areas [N] of `boxes` [N, 4]; inverted boxes count as empty rather than negative."""
-    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    """Areas [...] of `boxes` [..., 4]; inverted boxes count as empty rather than negative."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise intersection over union [N, M] of `a` [N, 4] and `b` [M, 4].
+    """Pairwise intersection over union [..., N, M] of `a` [..., N, 4] and `b` [..., M, 4]: leading dimensions
+    broadcast, so a batch of images' boxes [B, N, 4] against shared anchors [M, 4] is one call.
 
     The intersection never exceeds the union, so where two empty boxes have a zero union the intersection is 0
     too: clamping the denominator defines their IoU as 0 (never NaN, also in the backward pass).
     Written column by column, with in-place ops, because NMS calls it on thousands of boxes at once.
     """
-    width = torch.minimum(a[:, None, 2], b[:, 2]) - torch.maximum(a[:, None, 0], b[:, 0])  # [N, M]
-    height = torch.minimum(a[:, None, 3], b[:, 3]) - torch.maximum(a[:, None, 1], b[:, 1])  # [N, M]
+    a, b = a[..., :, None, :], b[..., None, :, :]  # [..., N, 1, 4] and [..., 1, M, 4]
+    width = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])  # [..., N, M]
+    height = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])  # [..., N, M]
     intersection = width.clamp_(min=0).mul_(height.clamp_(min=0))
-    union = box_area(a)[:, None] + box_area(b) - intersection
+    union = box_area(a) + box_area(b) - intersection
     return intersection / union.clamp_(min=torch.finfo(union.dtype).tiny)
 
 
 def _centres_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return boxes[:, 0] + 0.5 * width, boxes[:, 1] + 0.5 * height, width, height
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * width, boxes[..., 1] + 0.5 * height, width, height
 
 
 def encode_boxes(reference: Tensor, target: Tensor, weights: Weights = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
-    """Regression targets [N, 4] that move `reference` boxes onto `target` boxes (R-CNN, Girshick et al. 2014).
+    """Regression targets [..., 4] that move `reference` boxes onto `target` boxes [..., 4] (R-CNN, Girshick et
+    al. 2014); leading dimensions broadcast.
 
     Offsets are relative to the reference size and sizes are log-ratios, so the targets are scale-invariant;
     `weights` (wx, wy, ww, wh) rescale them to roughly unit variance, e.g. (10, 10, 5, 5) for the box head.
@@ -53,26 +56,26 @@ def encode_boxes(reference: Tensor, target: Tensor, weights: Weights = (1.0, 1.0
     tx, ty, tw, th = _centres_and_sizes(target)
     wx, wy, ww, wh = weights
     return torch.stack(
-        [wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=1
+        [wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=-1
     )
 
 
 def decode_boxes(reference: Tensor, deltas: Tensor, weights: Weights = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
-    """Boxes [N, 4] obtained by applying `deltas` [N, 4] to `reference` [N, 4]: the inverse of `encode_boxes`."""
+    """Boxes [..., 4] obtained by applying `deltas` [..., 4] to `reference` [..., 4]: the inverse of `encode_boxes`."""
     rx, ry, rw, rh = _centres_and_sizes(reference)
     wx, wy, ww, wh = weights
-    x = rx + deltas[:, 0] / wx * rw
-    y = ry + deltas[:, 1] / wy * rh
-    half_w = 0.5 * rw * torch.exp((deltas[:, 2] / ww).clamp(max=BBOX_EXP_CLAMP))
-    half_h = 0.5 * rh * torch.exp((deltas[:, 3] / wh).clamp(max=BBOX_EXP_CLAMP))
-    return torch.stack([x - half_w, y - half_h, x + half_w, y + half_h], dim=1)
+    x = rx + deltas[..., 0] / wx * rw
+    y = ry + deltas[..., 1] / wy * rh
+    half_w = 0.5 * rw * torch.exp((deltas[..., 2] / ww).clamp(max=BBOX_EXP_CLAMP))
+    half_h = 0.5 * rh * torch.exp((deltas[..., 3] / wh).clamp(max=BBOX_EXP_CLAMP))
+    return torch.stack([x - half_w, y - half_h, x + half_w, y + half_h], dim=-1)
 
 
 def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
-    """`boxes` [N, 4] clamped to the image [0, width] × [0, height], so decoded proposals stay on the image."""
-    x = boxes[:, 0::2].clamp(0, width)  # [N, 2]: x1, x2
-    y = boxes[:, 1::2].clamp(0, height)  # [N, 2]: y1, y2
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+    """`boxes` [..., 4] clamped to the image [0, width] × [0, height], so decoded proposals stay on the image."""
+    x = boxes[..., 0::2].clamp(0, width)  # [..., 2]: x1, x2
+    y = boxes[..., 1::2].clamp(0, height)  # [..., 2]: y1, y2
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
 def mirror(images: Tensor, boxes: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,26 +175,69 @@ def roi_align(
     return samples if sampling == 1 else F.avg_pool2d(samples, sampling)  # a 1×1 average is a copy, and not cheap
 
 
-def match_anchors(anchors: Tensor, gt_boxes: Tensor, high: float = 0.7, low: float = 0.3) -> tuple[Tensor, Tensor]:
-    """Labels [A] (1 object, 0 background, −1 ignored) and the index [A] of each anchor's best ground-truth box.
+def truth_iou(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> Tensor:
+    """IoU [B, N, G] of each image's `boxes` [B, N, 4] (or [N, 4], the same for every image) with its ground truth.
+
+    `gt_boxes` [B, G, 4] and `gt_labels` [B, G] hold each image's boxes padded to G with label −1 (the scenes'
+    rectangular layout); a padding box's IoU is −1, below any real one's, so it is never a box's best match.
+    """
+    return box_iou(boxes, gt_boxes).masked_fill_((gt_labels < 0)[:, None, :], -1.0)
+
+
+def match_anchors(
+    anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, high: float = 0.7, low: float = 0.3
+) -> tuple[Tensor, Tensor]:
+    """Labels [B, A] (1 object, 0 background, −1 ignored) and the index [B, A] of each anchor's best ground-truth box,
+    for a batch's padded ground truth (`truth_iou`).
 
     Faster R-CNN's rule: IoU ≥ `high` is positive, < `low` negative, in between ignored; and each gt box's best
     anchors (all ties) are positive even below `high`, so that small or oddly shaped objects still get a match.
     A gt box that overlaps no anchor at all is left unmatched rather than making every anchor its "best".
-    With no gt boxes every anchor is background and the index is 0 (meaningless, but safe to gather with).
+    In an image with no gt boxes every anchor is background and the index is 0 (meaningless, but safe to gather with).
     """
-    if len(gt_boxes) == 0:
-        zeros = torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
+    if gt_boxes.shape[1] == 0:
+        zeros = torch.zeros(len(gt_boxes), len(anchors), dtype=torch.long, device=anchors.device)
         return zeros, zeros.clone()
-    iou = box_iou(gt_boxes, anchors)  # [G, A]
-    best_iou, matched = iou.max(dim=0)  # [A]
+    iou = truth_iou(anchors, gt_boxes, gt_labels)  # [B, A, G]
+    best_iou, matched = iou.max(dim=2)  # [B, A]
     labels = torch.full_like(matched, -1)
     labels[best_iou < low] = 0
     labels[best_iou >= high] = 1
-    best_per_gt = iou.max(dim=1, keepdim=True).values  # [G, 1]
-    is_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)  # [A]
-    labels[is_best] = 1
+    best_per_gt = iou.max(dim=1, keepdim=True).values  # [B, 1, G]
+    labels[((iou == best_per_gt) & (best_per_gt > 0)).any(dim=2)] = 1
     return labels, matched
+
+
+def training_regions(
+    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, positive_iou: float, background_iou: float,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A detection head's candidate training regions [B, N + G, 4]: each image's `proposals` [B, N, 4] (`valid`
+    [B, N] marks the real ones of a padded batch; default all), then its ground-truth boxes, which give the head
+    perfect examples from the first step on. With each region's role [B, N + G]: 1 object (IoU ≥ `positive_iou`
+    with its nearest ground-truth box), 0 background (IoU < `background_iou`), −1 neither or padding; and the index
+    [B, N + G] of that nearest box.
+    """
+    regions = torch.cat([proposals, gt_boxes], 1)
+    best_iou, nearest = truth_iou(regions, gt_boxes, gt_labels).max(dim=2)
+    role = torch.full_like(nearest, -1)
+    role[best_iou < background_iou] = 0
+    role[best_iou >= positive_iou] = 1
+    real = torch.ones(proposals.shape[:2], dtype=torch.bool, device=proposals.device) if valid is None else valid
+    role[~torch.cat([real, gt_labels >= 0], 1)] = -1
+    return regions, role, nearest
+
+
+def region_targets(
+    regions: Tensor, chosen: Tensor, role: Tensor, nearest: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+    weights: Weights,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The `chosen` [B, N] (bool) of `training_regions`, every image's in turn: boxes [K, 4], the image of each
+    [K], its class [K] (0 background, c + 1 an object of class c) and the deltas [K, 4] onto its nearest box."""
+    image, slot = torch.where(chosen)
+    boxes, near = regions[image, slot], nearest[image, slot]
+    classes = torch.where(role[image, slot] == 1, gt_labels[image, near] + 1, 0)
+    return boxes, image, classes, encode_boxes(boxes, gt_boxes[image, near], weights)
 
 
 def sample_labels(labels: Tensor, batch_size: int, positive_fraction: float, generator: torch.Generator) -> Tensor:
