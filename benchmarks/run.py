@@ -32,7 +32,7 @@ import torch
 from deepzoo import config, registry
 from deepzoo.data import fashion_mnist
 from deepzoo.engine import stages
-from deepzoo.engine.device import configure_threads, resolve
+from deepzoo.engine.device import configure_cpu, resolve
 from deepzoo.engine.trainer import (
     Trainable,
     batches,
@@ -310,7 +310,7 @@ def main() -> None:
                         help="also measure these families with torch.compile")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
-    configure_threads()
+    configure_cpu()
     device = resolve()
     results = json.loads(args.output.read_text()) if args.output.is_file() else {}
     results["machine"] = {"device": str(device), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,

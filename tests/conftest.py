@@ -35,7 +35,7 @@ def set_param(repo: Path, section: str, group: str, key: str, value: object) -> 
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Two workers on two cores: thread pools that together exceed the cores slow each other ~10× (see
-    # `device.configure_threads`), so each worker and every stage it starts takes one thread.
+    # `device.configure_cpu`), so each worker and every stage it starts takes one thread.
     os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepzoo.config import TrainConfig
-from deepzoo.engine.trainer import Trainable, TrainingDiverged, fit
+from deepzoo.engine.trainer import Averager, Trainable, TrainingDiverged, fit
 from deepzoo.storage import atomic_path, save_torch
 
 CPU = torch.device("cpu")
@@ -278,3 +278,17 @@ def test_atomic_folder_is_replaced_whole_or_not_at_all(tmp_path: Path):
         (tmp / "b.txt").write_text("half")
         raise ValueError("stage failed")
     assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+
+
+def test_the_averager_weighs_batches_by_size_and_remembers_a_loss_that_was_ever_nan():
+    averager = Averager()
+    batches = [(2.0, 0.5, 64), (4.0, 1.0, 64), (1.0, 0.0, 16)]  # (loss, accuracy, batch size): a short last batch
+    for loss, accuracy, n in batches:
+        averager.add({"loss": torch.tensor(loss), "accuracy": torch.tensor(accuracy)}, n)
+    expected = sum(loss * n for loss, _, n in batches) / 144
+    assert averager.means() == pytest.approx({"loss": expected, "accuracy": 96 / 144})
+    assert averager.first() == {"loss": 2.0, "accuracy": 0.5} and averager.nonfinite_loss() is None
+    averager.add({"loss": torch.tensor(float("nan")), "accuracy": torch.tensor(float("nan"))}, 8)
+    averager.add({"loss": torch.tensor(1.0), "accuracy": torch.tensor(1.0)}, 8)
+    assert averager.nonfinite_loss() == "loss"  # a metric that is not a loss never stops training
+    assert Averager().means() == {} and Averager().first() == {} and Averager().nonfinite_loss() is None

@@ -21,7 +21,7 @@ from pydantic import Field
 from deepzoo.config import Section, TrainConfig
 from deepzoo.data import fashion_mnist
 from deepzoo.engine import tracking
-from deepzoo.engine.device import configure_threads, resolve, seed_everything
+from deepzoo.engine.device import configure_cpu, resolve, seed_everything
 from deepzoo.engine.trainer import Batch, evaluate, fit
 from deepzoo.families import cnn
 from deepzoo.metrics import fid
@@ -40,7 +40,7 @@ class Params(Section):
 
 
 def prepare(params: Params, seed: int, output: Path = OUTPUT) -> dict[str, float]:
-    configure_threads()
+    configure_cpu()
     device = resolve()
     splits = fashion_mnist.splits()
     generator = seed_everything(seed)

@@ -26,7 +26,7 @@ import torch
 import deepzoo
 from deepzoo import DeepzooError, config, registry
 from deepzoo.engine import distributed, tracking
-from deepzoo.engine.device import configure_threads, resolve, seed_everything
+from deepzoo.engine.device import configure_cpu, resolve, seed_everything
 from deepzoo.engine.trainer import Batch, FitResult, Trainable, fit
 from deepzoo.storage import atomic_path, save_figure, save_torch, write_json
 
@@ -68,7 +68,7 @@ def _setup(name: str) -> tuple[ModuleType, Any, int, torch.device]:
     family = registry.family_module(name)
     cfg = config.load_section(name, family.Config)
     seed = config.load_section("common", config.Common).seed
-    configure_threads()
+    configure_cpu()
     return family, cfg, seed, resolve()
 
 
