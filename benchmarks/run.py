@@ -32,7 +32,7 @@ import torch
 from deepzoo import config, registry
 from deepzoo.data import fashion_mnist
 from deepzoo.engine import stages
-from deepzoo.engine.device import configure_cpu, resolve
+from deepzoo.engine.device import bf16_autocast, configure_cpu, resolve
 from deepzoo.engine.trainer import (
     Trainable,
     batches,
@@ -68,12 +68,12 @@ def fresh_variant(family_name: str, seed: int = 0, **train: object):
 def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
     """The plainest PyTorch loop of the same model, optimizer and numerics: samples per second.
 
-    It makes the recipe's choices the trainer makes (gradient clipping, channels_last convolutions; on a GPU
-    the dataset resident on the GPU, bf16 autocast when `mixed_precision`), so the ratio measures the
-    loop, not the setup.
+    It makes the recipe's choices the trainer makes (gradient clipping, channels_last convolutions, bf16 autocast
+    when `mixed_precision` and the device has bf16; on a GPU the dataset resident there), so the ratio measures
+    the loop, not the setup.
     """
     model.to(device).train()
-    bf16 = cfg.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = cfg.mixed_precision and bf16_autocast(device.type)
     if device.type == "cuda":
         data = tuple(t.to(device) for t in data)
     if has_convolutions(model):

@@ -182,6 +182,16 @@ def test_roi_align_gradient_flows_to_features():
     assert features.grad[0].abs().sum() > 0 and features.grad[1].abs().sum() > 0
 
 
+def test_roi_align_of_bf16_features_under_autocast_keeps_their_dtype_and_exact_coordinates():
+    features = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[60.3, 10.1, 90.7, 40.9], [0.0, 0.0, 95.0, 95.0]])  # in pixels of a 96-px image
+    exact = roi_align(features.bfloat16().float(), boxes, torch.tensor([0, 1]), 4, spatial_scale=0.125, sampling=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = roi_align(features.bfloat16(), boxes, torch.tensor([0, 1]), 4, spatial_scale=0.125, sampling=1)
+    assert pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled.float(), exact.bfloat16().float())  # only the result is rounded
+
+
 def test_match_anchors_follows_the_faster_rcnn_rule():
     boxes = torch.tensor(
         [

@@ -166,7 +166,7 @@ def test_mlflow_holds_one_run_per_family_with_params_metrics_and_a_loadable_mode
     evaluation = stages["evaluate@cnn"]
     artifacts = db.execute("select artifact_uri from runs where run_uuid = ?", (evaluation,)).fetchone()[0]
     assert Path(artifacts.removeprefix("file://"), "plots/evaluation/per_class_accuracy.csv").is_file()
-    assert {"family", "git_commit", "device", "torch_version", "dvc_stage"} <= set(tags[cnn_run])
+    assert {"family", "git_commit", "device", "torch_version", "dvc_stage", "precision"} <= set(tags[cnn_run])
 
     loader = ("import mlflow, sys, torch; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
               "m = mlflow.pytorch.load_model(f'runs:/{sys.argv[1]}/cnn', map_location='cpu');"

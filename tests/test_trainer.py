@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepzoo.config import TrainConfig
+from deepzoo.engine import device, trainer
 from deepzoo.engine.trainer import Averager, Trainable, TrainingDiverged, fit
 from deepzoo.storage import atomic_path, save_torch
 
@@ -94,7 +95,8 @@ def test_onecycle_warms_up_per_step_then_anneals_and_resumes_on_the_same_curve()
 
 
 def test_weight_average_is_what_evaluation_sees_what_training_returns_and_what_resumes():
-    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, schedule="none", patience=None, ema=0.9)
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, schedule="none", patience=None, ema=0.9,
+                      mixed_precision=False)  # compared with float32 steps by hand below
     val = regression_data(64, seed=1)
     model, result = train(cfg, val_data=val)
     plain, _ = train(cfg.model_copy(update={"ema": None}), val_data=val)
@@ -292,3 +294,32 @@ def test_the_averager_weighs_batches_by_size_and_remembers_a_loss_that_was_ever_
     averager.add({"loss": torch.tensor(1.0), "accuracy": torch.tensor(1.0)}, 8)
     assert averager.nonfinite_loss() == "loss"  # a metric that is not a loss never stops training
     assert Averager().means() == {} and Averager().first() == {} and Averager().nonfinite_loss() is None
+
+
+class DtypeRecorder(Regression):
+    """Notes the dtype its layer computed in, for training steps and for evaluations apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = {"training": set(), "evaluation": set()}
+
+    def loss(self, batch):
+        x, y = batch
+        out = self(x)
+        self.dtypes["training" if self.training else "evaluation"].add(out.dtype)
+        return F.mse_loss(out.float(), y), {}
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("mixed_precision", [True, False])
+def test_training_steps_run_in_bf16_only_when_asked_and_native_and_evaluations_never(monkeypatch, native,
+                                                                                       mixed_precision):
+    monkeypatch.setattr(trainer, "bf16_autocast", lambda device_type: native)
+    monkeypatch.setattr(device, "bf16_autocast", lambda device_type: native)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, patience=None, optimizer="adam", schedule="none",
+                      mixed_precision=mixed_precision)
+    model = DtypeRecorder()
+    fit(model, regression_data(), regression_data(64, seed=1), cfg, CPU, torch.Generator().manual_seed(0))
+    bf16 = native and mixed_precision
+    assert model.dtypes == {"training": {torch.bfloat16 if bf16 else torch.float32}, "evaluation": {torch.float32}}
+    assert device.precision(CPU, mixed_precision) == ("bf16 autocast" if bf16 else "float32")  # the run's tag

@@ -55,7 +55,9 @@ class TrainConfig(Section):
     # time), and the training seconds until it first reaches this: how fast a recipe gets to a result.
     target_accuracy: float | None = Field(None, gt=0, le=1)
     max_batches: int | None = Field(None, ge=1)  # per epoch; caps smoke and benchmark runs
-    mixed_precision: bool = True  # bf16 autocast on CUDA GPUs that support it; no effect on CPU
+    # Training steps under bf16 autocast where the device computes bf16 natively (device.bf16_autocast: CUDA GPUs,
+    # CPUs with AVX512-BF16 or AMX); evaluations are float32 either way.
+    mixed_precision: bool = True
     compile: bool = False  # torch.compile the model (see benchmarks: it does not pay on 2 CPU cores)
     processes: int = Field(1, ge=1)  # data-parallel ranks launched with torchrun (gloo on CPU, NCCL on GPUs)
 

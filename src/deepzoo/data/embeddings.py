@@ -21,7 +21,7 @@ from pydantic import Field
 from deepzoo.config import Section, TrainConfig
 from deepzoo.data import fashion_mnist
 from deepzoo.engine import tracking
-from deepzoo.engine.device import configure_cpu, resolve, seed_everything
+from deepzoo.engine.device import configure_cpu, precision, resolve, seed_everything
 from deepzoo.engine.trainer import Batch, evaluate, fit
 from deepzoo.families import cnn
 from deepzoo.metrics import fid
@@ -47,8 +47,9 @@ def prepare(params: Params, seed: int, output: Path = OUTPUT) -> dict[str, float
     model = cnn.CNN(params.model)
     with tracking.run(EXPERIMENT, "embed_images", "embed_images", str(device)) as tracker:
         tracker.log_params(params.model_dump())
+        tracker.set_tags({"precision": precision(device, params.train.mixed_precision)})
         result = fit(model, splits["train"], splits["val"], params.train, device, generator,
-                     lambda epoch, row: tracker.log_metrics(row, epoch), params.train.mixed_precision)
+                     lambda epoch, row: tracker.log_metrics(row, epoch))
         accuracy = evaluate(model, splits["test"], 1000, device)["accuracy"]
         summary = write_reference(model, splits, params.samples, output,
                                   {"test_accuracy": round(accuracy, 4), "epochs_run": result.epochs_run},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from pathlib import Path
@@ -32,6 +33,25 @@ def resolve(name: str | None = None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{ENV}={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+@functools.cache
+def bf16_autocast(device_type: str) -> bool:
+    """Whether training steps on this kind of device run under bf16 autocast (`train.mixed_precision`): on CUDA
+    GPUs that support bf16, and on CPUs with bf16 instructions (AVX512-BF16 or AMX), where oneDNN's convolutions,
+    matmuls and LSTMs ran 1.15-1.46× faster on 2 cores at the same accuracy. Other CPUs would emulate bf16, slower
+    than float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def precision(device: torch.device, mixed_precision: bool) -> str:
+    """What a training's steps compute in, for its MLflow run: the same params give bf16 on one machine and
+    float32 on another."""
+    return "bf16 autocast" if mixed_precision and bf16_autocast(device.type) else "float32"
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

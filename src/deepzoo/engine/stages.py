@@ -26,7 +26,7 @@ import torch
 import deepzoo
 from deepzoo import DeepzooError, config, registry
 from deepzoo.engine import distributed, tracking
-from deepzoo.engine.device import configure_cpu, resolve, seed_everything
+from deepzoo.engine.device import configure_cpu, precision, resolve, seed_everything
 from deepzoo.engine.trainer import Batch, FitResult, Trainable, fit
 from deepzoo.storage import atomic_path, save_figure, save_torch, write_json
 
@@ -93,6 +93,8 @@ def train(name: str, restart: bool = False) -> None:
                 if distributed.is_main() else nullcontext() as tracker:
             if tracker is not None and point.run_id is None:
                 tracker.log_params(cfg.model_dump())
+            if tracker is not None:
+                tracker.set_tags({"precision": precision(device, cfg.train.mixed_precision)})
             point.run_id = tracker.run_id if tracker is not None else None
             results = {}
             for variant_name, variant in variants.items():
@@ -111,7 +113,7 @@ def train(name: str, restart: bool = False) -> None:
                         tracker.set_tags({prefix + key: value for key, value in tags.items()})
                 distributed.print_once(f"training {name}/{variant_name} on {device} x {distributed.world_size()}")
                 results[variant_name] = fit(variant.model, variant.data["train"], variant.data.get("val"),
-                                            cfg.train, device, generator, log, cfg.train.mixed_precision, resume,
+                                            cfg.train, device, generator, log, resume,
                                             (lambda state, v=variant_name: point.save(v, state)) if point.enabled
                                             else None, variant.data.get("test"))
                 point.finish(variant_name, variant.model, results[variant_name], generator)

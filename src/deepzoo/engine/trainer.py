@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from deepzoo import DeepzooError
 from deepzoo.config import TrainConfig
 from deepzoo.engine import distributed
+from deepzoo.engine.device import bf16_autocast
 
 Batch = tuple[Tensor, ...]
 Metrics = dict[str, Tensor]
@@ -145,9 +146,8 @@ def resident(data: Batch, device: torch.device) -> Batch:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU autocast is slower here)."""
-    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+    """bf16 autocast where the device computes it natively (`device.bf16_autocast`); a no-op elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and bf16_autocast(device.type))
 
 
 class Averager:
@@ -193,14 +193,13 @@ class Averager:
 
 
 @torch.no_grad()
-def evaluate(model: Trainable, data: Batch, batch_size: int, device: torch.device,
-             mixed_precision: bool = True) -> dict[str, float]:
-    """Mean loss and metrics of `model` over `data`, in eval mode."""
+def evaluate(model: Trainable, data: Batch, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean loss and metrics of `model` over `data`, in eval mode and float32: every measurement is of the
+    weights themselves, whatever precision trained them."""
     model.eval()
     averager = Averager()
     for batch in batches(data, batch_size, shard=(distributed.rank(), distributed.world_size())):
-        with autocast(device, mixed_precision):
-            loss, metrics = model.loss(model.prepare(to_device(batch, device)))
+        loss, metrics = model.loss(model.prepare(to_device(batch, device)))
         averager.add({"loss": loss, **metrics}, len(batch[0]))
     return averager.means()
 
@@ -257,7 +256,7 @@ class EarlyStopping:
 
 def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, device: torch.device,
         generator: torch.Generator, on_epoch: Callable[[int, dict[str, float]], None] = lambda *_: None,
-        mixed_precision: bool = True, resume: dict[str, Any] | None = None,
+        resume: dict[str, Any] | None = None,
         on_checkpoint: Callable[[dict[str, Any]], None] | None = None, test: Batch | None = None) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch (with `cfg.ema`, of the
     weight average: every evaluation here measures the average).
@@ -297,16 +296,15 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
         if done:
             break
         epoch_start = time.perf_counter()
-        row, first = _train_epoch(model, groups, optimizers, per_step, average, train, cfg, device, generator, epoch,
-                                  mixed_precision)
+        row, first = _train_epoch(model, groups, optimizers, per_step, average, train, cfg, device, generator, epoch)
         first_losses = first_losses or {k: v for k, v in first.items() if k.endswith("loss")}
         _check_growth(row, first_losses, epoch, cfg)
         if val is not None:
-            row |= {f"val/{k}": v for k, v in evaluate(evaluated, val, cfg.batch_size, device, mixed_precision).items()}
+            row |= {f"val/{k}": v for k, v in evaluate(evaluated, val, cfg.batch_size, device).items()}
         row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         row["epoch_seconds"] = time.perf_counter() - epoch_start
         if cfg.target_accuracy is not None and test is not None:
-            row |= {f"monitor/{k}": v for k, v in evaluate(evaluated, test, cfg.batch_size, device, mixed_precision).items()}
+            row |= {f"monitor/{k}": v for k, v in evaluate(evaluated, test, cfg.batch_size, device).items()}
             monitoring += time.perf_counter() - epoch_start - row["epoch_seconds"]
         result.history.append(row)
         result.epochs_run = epoch
@@ -391,7 +389,7 @@ class TrainingState:
 
 def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimizers: dict[str, torch.optim.Optimizer],
                  per_step: list[Any], average: WeightAverage | None, train: Batch, cfg: TrainConfig, device: torch.device, generator: torch.Generator,
-                 epoch: int, mixed_precision: bool) -> tuple[dict[str, float], dict[str, float]]:
+                 epoch: int) -> tuple[dict[str, float], dict[str, float]]:
     model.train()
     steps = batches(train, rank_batch_size(cfg), generator, cfg.max_batches, (distributed.rank(), distributed.world_size()))
     if sys.stderr.isatty() and distributed.is_main():
@@ -402,7 +400,7 @@ def _train_epoch(model: Trainable, groups: dict[str, list[nn.Parameter]], optimi
     for step, batch in enumerate(steps, 1):
         batch = model.prepare(to_device(batch, device))
         metrics: Metrics = {}
-        for group, loss, group_metrics in _losses(model, batch, device, mixed_precision):
+        for group, loss, group_metrics in _losses(model, batch, device, cfg.mixed_precision):
             optimizers[group].zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(groups[group])

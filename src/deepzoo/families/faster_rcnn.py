@@ -55,9 +55,13 @@ class EvaluateConfig(Section):
     figure_scenes: int = Field(ge=1)
 
 
+class FasterRCNNTrainConfig(TrainConfig):
+    mixed_precision: bool  # the recipe's own choice: its mAP was measured in float32 (params.yaml)
+
+
 class Config(Section):
     model: ModelConfig
-    train: TrainConfig
+    train: FasterRCNNTrainConfig
     evaluate: EvaluateConfig
 
 

@@ -34,6 +34,7 @@ class ModelConfig(Section):
 class TrainConfig(classifier.ClassifierTrainConfig):
     warmup: float = Field(gt=0, lt=1)  # the recipe's warm-up and weight average are its own choices: no defaults
     ema: float | None = Field(gt=0, lt=1)
+    mixed_precision: bool  # the recipe's own choice: its accuracy was measured in float32 (params.yaml)
 
 
 class Config(Section):

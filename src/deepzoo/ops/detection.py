@@ -156,8 +156,9 @@ def roi_align(
     """
     _, channels, height, width = features.shape
     points = output_size * sampling
-    steps = (torch.arange(points, dtype=features.dtype, device=features.device) + 0.5) / points  # [P]
-    scaled = boxes.to(features.dtype) * spatial_scale
+    # Coordinates in float32 whatever the features' dtype: bf16 would round a 96-px box's corners to 0.5 px.
+    steps = (torch.arange(points, dtype=torch.float32, device=features.device) + 0.5) / points  # [P]
+    scaled = boxes.float() * spatial_scale
     xs = scaled[:, 0:1] + steps * (scaled[:, 2:3] - scaled[:, 0:1])  # [K, P], in feature pixels
     ys = scaled[:, 1:2] + steps * (scaled[:, 3:4] - scaled[:, 1:2])  # [K, P]
     # align_corners=False maps [-1, 1] onto the pixel edges [0, width], i.e. our continuous coordinates
@@ -168,10 +169,10 @@ def roi_align(
     for b in batch_index.unique().tolist():
         mine = batch_index == b
         # all of one image's boxes in a single call: grid [1, K_b·P, P, 2] -> [1, C, K_b·P, P]
-        sampled = F.grid_sample(
-            features[b : b + 1], grid[mine].reshape(1, -1, points, 2), align_corners=False, padding_mode="border"
+        sampled = F.grid_sample(  # in float32, as autocast would run it anyway
+            features[b : b + 1].float(), grid[mine].reshape(1, -1, points, 2), align_corners=False, padding_mode="border"
         )
-        samples[mine] = sampled.reshape(channels, -1, points, points).transpose(0, 1)  # [K_b, C, P, P]
+        samples[mine] = sampled.reshape(channels, -1, points, points).transpose(0, 1).to(samples.dtype)  # [K_b, C, P, P]
     return samples if sampling == 1 else F.avg_pool2d(samples, sampling)  # a 1×1 average is a copy, and not cheap
 
 
