@@ -32,9 +32,10 @@ import torch
 from deepzoo import config, registry
 from deepzoo.data import fashion_mnist
 from deepzoo.engine import stages
-from deepzoo.engine.device import bf16_autocast, configure_cpu, resolve
+from deepzoo.engine.device import configure_cpu, resolve
 from deepzoo.engine.trainer import (
     Trainable,
+    autocast,
     batches,
     fit,
     has_convolutions,
@@ -73,7 +74,6 @@ def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
     the loop, not the setup.
     """
     model.to(device).train()
-    bf16 = cfg.mixed_precision and bf16_autocast(device.type)
     if device.type == "cuda":
         data = tuple(t.to(device) for t in data)
     if has_convolutions(model):
@@ -85,7 +85,7 @@ def bare_loop(model: Trainable, data, cfg, device, n_batches: int) -> float:
     for batch in batches(data, cfg.batch_size, generator, n_batches):
         samples += len(batch[0])  # before `prepare`, as the trainer counts: rcnn's prepare turns scenes into crops
         batch = model.prepare(to_device(batch, device))
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        with autocast(device, cfg.mixed_precision):
             for group, loss, _ in model.training_losses(batch):
                 optimizers[group].zero_grad(set_to_none=True)
                 loss.backward()
