@@ -171,6 +171,11 @@ def test_roi_align_over_the_whole_map_is_its_mean_and_pools_evenly():
     assert (roi_align(features, whole, zero, 1, 1.0) - features.mean()).abs().max() < 1.5  # coarse 2×2 estimate
 
 
+def test_roi_align_of_no_boxes_is_empty():
+    pooled = roi_align(torch.randn(2, 3, 6, 6), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2, 0.25)
+    assert pooled.shape == (0, 3, 2, 2)
+
+
 def test_roi_align_gradient_flows_to_features():
     features = torch.randn(2, 3, 6, 6, requires_grad=True)
     boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 2.0, 10.0, 14.0]])

@@ -314,8 +314,7 @@ class DtypeRecorder(Regression):
 @pytest.mark.parametrize("mixed_precision", [True, False])
 def test_training_steps_run_in_bf16_only_when_asked_and_native_and_evaluations_never(monkeypatch, native,
                                                                                        mixed_precision):
-    monkeypatch.setattr(trainer, "bf16_autocast", lambda device_type: native)
-    monkeypatch.setattr(device, "bf16_autocast", lambda device_type: native)
+    monkeypatch.setattr(device, "bf16_autocast", lambda device_type: native)  # the one place both ask
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, patience=None, optimizer="adam", schedule="none",
                       mixed_precision=mixed_precision)
     model = DtypeRecorder()

@@ -17,7 +17,8 @@ def prepare(tmp_path, text: str | bytes, **params):
     raw = tmp_path / "tunes.abc"
     raw.write_bytes(text if isinstance(text, bytes) else text.encode())
     output = tmp_path / "processed"
-    counts = tunes.prepare(shipped("tunes", tunes.Params, limit=None, **params), seed=0, raw=raw, output=output)
+    params = {"limit": None, "transpositions": (), **params}
+    counts = tunes.prepare(shipped("tunes", tunes.Params, **params), seed=0, raw=raw, output=output)
     return counts, output
 
 
@@ -81,6 +82,36 @@ def test_the_split_is_by_whole_tune_and_seeded(tmp_path):
     assert sorted(train + val) == sorted(many)  # every tune whole, in exactly one split
     assert tunes.split_by_tune(many, 0.25, seed=0) == (train, val)
     assert tunes.split_by_tune(many, 0.25, seed=1) != (train, val)
+
+
+def test_transposing_moves_notes_key_and_explicit_accidentals_by_the_same_interval():
+    tune = "X:1\nT:Tune in G\nM:C|\nL:1/8\nK:G Major\nGF|D,Gc^c _Bb'=f2|]\nK:E Minor\nEB|]"
+    # One sharp more, each note a fourth down: G→D, F(♯)→C(♯) by the new key, D,→A,,, ^c→^G; B→F is the one step
+    # that is not a fourth, so _B→=F, and b'→f' (♯ by the key); =f→=c (D major has C♯: the natural must stay).
+    assert tunes.transpose(tune, 1) == ("X:1\nT:Tune in G\nM:C|\nL:1/8\nK:D Major\nDC|A,,DG^G =Ff'=c2|]"
+                                        "\nK:B Minor\nB,F|]")
+    assert tunes.transpose("X:1\nM:C\nL:1/8\nK:F Major\nFAcf|", -1) == "X:1\nM:C\nL:1/8\nK:Bb Major\nBdfb|"
+
+
+@pytest.mark.parametrize("fifths", [1, -1, 2, -3])
+def test_transposing_back_restores_the_tune(fifths):
+    for tune in (JIG, REEL, POLKA, "X:4\nM:3/4\nL:1/8\nK:A Dorian\n^GA =c_B B,,|c'2 e'^d'|"):
+        moved = tunes.transpose(tune, fifths)
+        assert moved != tune and tunes.transpose(moved, -fifths) == tune
+
+
+def test_tunes_that_cannot_be_transposed_are_left_out(tmp_path):
+    chords = REEL.replace("dAFA", '"D"dAFA')
+    assert tunes.transpose(chords, 1) is None  # chord symbols would need their own spelling rules
+    assert tunes.transpose(JIG.replace("K:G", "K:B#"), 1) is None  # its key would be F double-sharp major
+    counts, output = prepare(tmp_path, "\n\n".join([JIG, chords, REEL, POLKA]), val_fraction=0.25,
+                             transpositions=(1, -1))
+    train, val = tunes.load_tunes("train", output), tunes.load_tunes("val", output)
+    originals = [tune for tune in train if tune in (JIG, chords, REEL, POLKA)]
+    assert len(val) == 1 and val[0] in (JIG, chords, REEL, POLKA)  # held-out tunes as written
+    assert len(train) == counts["train_tunes"] == 3 + 2 * sum(tune != chords for tune in originals)
+    vocab = tunes.load_vocab(output)
+    assert all(char in vocab.ids for tune in train for char in tune)  # moved keys and notes included
 
 
 def test_encoded_ids_decode_back_to_the_tunes(tmp_path):

@@ -2,7 +2,8 @@
 
 Output `data/processed/tunes/`:
     vocab.json                       id → token: ids 0 and 1 are the start/end-of-tune tokens, then characters
-    train.pt, val.pt                 int64 [T]: the split's tunes one after another, each <start> chars <end>
+    train.pt, val.pt                 int64 [T]: the split's tunes one after another, each <start> chars <end>;
+                                     training's also transposed to the keys `transpositions` says
     train_tunes.abc, val_tunes.abc   the split's tunes as text, blank-line separated (for the novelty measure)
     reference.json                   what the validity and novelty measures score on the held-out human tunes
 """
@@ -39,6 +40,9 @@ class TuneDataError(ValueError):
 class Params(Section):
     val_fraction: float = Field(gt=0, lt=0.5)  # share of the tunes held out (whole tunes, never parts)
     limit: int | None = Field(None, ge=2)  # keep only the first N complete tunes (smoke runs)
+    # Extra copies of every training tune, each moved this many steps round the circle of fifths (`transpose`):
+    # the held-out tunes stay as they were written.
+    transpositions: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,71 @@ def parse(text: str) -> Tune:
         if field == "K":
             return Tune(headers, "\n".join(lines[number + 1 :]))
     return Tune(headers, "")
+
+
+LETTERS = "CDEFGAB"
+NATURAL = (0, 2, 4, 5, 7, 9, 11)  # semitones of the letters above C
+ACCIDENTALS = {"__": -2, "_": -1, "=": 0, "^": 1, "^^": 2}
+NOTE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)")
+KEY = re.compile(r"(\s*)([A-G])([#b]?)(.*)", re.DOTALL)
+UNMOVABLE = re.compile(r'"|\[[A-Za-z]:')  # chord symbols and annotations, inline fields: left as they are
+
+
+def _accidental(offset: int) -> str:
+    return {value: sign for sign, value in ACCIDENTALS.items()}[offset]
+
+
+def transpose(tune: str, fifths: int) -> str | None:
+    """`tune` moved `fifths` steps round the circle of fifths (+1: a fifth up or, here, a fourth down: one sharp
+    more in its key; −1: one flat more), or None when it holds something this does not move (chord symbols, inline
+    fields, a key it cannot read or that would need a double accidental).
+
+    Every note moves by the same number of letters (at most 3 up or down, so the tune keeps its range) and its key
+    by the same interval: notes without an accidental then follow the new key signature, and an explicit accidental
+    is recomputed from the pitch (B↔F is the one letter step that is not a fifth: G major's ^c becomes D major's ^g,
+    its _B becomes =F). Accidentals apply to the rest of a bar per letter and octave, so a note's successors in the
+    bar stay consistent. Rhythm, bars and every other header are untouched.
+    """
+    letters = (4 * fifths + 3) % 7 - 3  # letter steps: a fifth is 4 up or 3 down
+    semitones = 7 * fifths - 12 * ((4 * fifths - letters) // 7)
+
+    def moved(letter: int, octave: int, accidental: int) -> tuple[int, int, int]:
+        position = 7 * octave + letter + letters
+        new_octave, new_letter = divmod(position, 7)
+        pitch = 12 * octave + NATURAL[letter] + accidental + semitones
+        return new_letter, new_octave, pitch - 12 * new_octave - NATURAL[new_letter]
+
+    def note(match: re.Match[str]) -> str:
+        sign, name, marks = match.groups()
+        octave = (1 if name.islower() else 0) + marks.count("'") - marks.count(",")
+        letter, octave, accidental = moved(LETTERS.index(name.upper()), octave, ACCIDENTALS.get(sign, 0))
+        written = LETTERS[letter] if octave <= 0 else LETTERS[letter].lower()
+        # a note with no accidental takes the new key's, which moved with it; an explicit one is recomputed
+        return (_accidental(accidental) if sign else "") + written + "," * -octave + "'" * (octave - 1)
+
+    def key(value: str) -> str | None:
+        found = KEY.fullmatch(value)
+        if found is None:
+            return None
+        space, name, sign, mode = found.groups()
+        letter, _, accidental = moved(LETTERS.index(name), 0, {"#": 1, "b": -1, "": 0}[sign])
+        accidental = (accidental + 6) % 12 - 6
+        return None if abs(accidental) > 1 else space + LETTERS[letter] + {1: "#", -1: "b", 0: ""}[accidental] + mode
+
+    if UNMOVABLE.search(tune):
+        return None
+    lines, in_body = [], False
+    for line in tune.split("\n"):
+        field = HEADER_LINE.match(line)
+        if field is not None and (not in_body or field.group(1) in "KM"):  # a header, or a key or metre change
+            if field.group(1) == "K":
+                if (value := key(field.group(2))) is None:
+                    return None
+                line, in_body = "K:" + value, True
+        elif not line.startswith("%"):
+            line = NOTE.sub(note, line)
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def problems(tune: Tune) -> list[str]:
@@ -165,9 +234,11 @@ def prepare(params: Params, seed: int, raw: Path = RAW, output: Path = OUTPUT) -
     if len(tunes) < 2:
         raise TuneDataError(f"{raw}: only one complete tune; the split by tune needs at least two")
     train, val = split_by_tune(tunes, params.val_fraction, seed)
+    train += [moved for fifths in params.transpositions for tune in train
+              if (moved := transpose(tune, fifths)) is not None]
     # The alphabet comes from every kept tune: it is a property of the notation, not learned content, and
     # a validation-only character then needs no <unknown> token that training never shows.
-    vocab = Vocabulary.of(tunes)
+    vocab = Vocabulary.of(tunes + train)
     with atomic_path(output) as tmp:
         tmp.mkdir()
         (tmp / "vocab.json").write_text(json.dumps({"start": START, "end": END, "tokens": vocab.tokens}, indent=1))

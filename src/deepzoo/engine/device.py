@@ -48,10 +48,15 @@ def bf16_autocast(device_type: str) -> bool:
     return False
 
 
+def uses_bf16(device: torch.device, mixed_precision: bool) -> bool:
+    """Whether training steps with `train.mixed_precision` run under bf16 autocast on `device`: the one rule."""
+    return mixed_precision and bf16_autocast(device.type)
+
+
 def precision(device: torch.device, mixed_precision: bool) -> str:
     """What a training's steps compute in, for its MLflow run: the same params give bf16 on one machine and
     float32 on another."""
-    return "bf16 autocast" if mixed_precision and bf16_autocast(device.type) else "float32"
+    return "bf16 autocast" if uses_bf16(device, mixed_precision) else "float32"
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

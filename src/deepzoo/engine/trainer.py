@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from deepzoo import DeepzooError
 from deepzoo.config import TrainConfig
 from deepzoo.engine import distributed
-from deepzoo.engine.device import bf16_autocast
+from deepzoo.engine.device import uses_bf16
 
 Batch = tuple[Tensor, ...]
 Metrics = dict[str, Tensor]
@@ -146,8 +146,8 @@ def resident(data: Batch, device: torch.device) -> Batch:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast where the device computes it natively (`device.bf16_autocast`); a no-op elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and bf16_autocast(device.type))
+    """bf16 autocast where the device computes it natively (`device.uses_bf16`); a no-op elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
 
 
 class Averager:

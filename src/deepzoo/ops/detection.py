@@ -21,7 +21,7 @@ Weights = tuple[float, float, float, float]  # (wx, wy, ww, wh) of the box param
 
 def box_area(boxes: Tensor) -> Tensor:
     """Areas [...] of `boxes` [..., 4]; inverted boxes count as empty rather than negative."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    return (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -30,19 +30,25 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 
     The intersection never exceeds the union, so where two empty boxes have a zero union the intersection is 0
     too: clamping the denominator defines their IoU as 0 (never NaN, also in the backward pass).
-    Written column by column, with in-place ops, because NMS calls it on thousands of boxes at once.
+    Computed on each coordinate's contiguous column, with in-place ops: a detector calls it for every image, on tens
+    of boxes, where each op's fixed cost is what counts (an op broadcasting [N, 1, 2] against [1, M, 2] pairs costs
+    3× one on [N, 1] and [1, M] columns), or on thousands.
     """
-    a, b = a[..., :, None, :], b[..., None, :, :]  # [..., N, 1, 4] and [..., 1, M, 4]
-    width = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])  # [..., N, M]
-    height = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])  # [..., N, M]
-    intersection = width.clamp_(min=0).mul_(height.clamp_(min=0))
-    union = box_area(a) + box_area(b) - intersection
+    ax1, ay1, ax2, ay2 = (column[..., :, None] for column in a.movedim(-1, 0).contiguous())  # [..., N, 1] each
+    bx1, by1, bx2, by2 = (column[..., None, :] for column in b.movedim(-1, 0).contiguous())  # [..., 1, M] each
+    width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)  # [..., N, M]
+    height = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0)
+    intersection = width.mul_(height)
+    area_a = (ax2 - ax1).clamp_(min=0) * (ay2 - ay1).clamp_(min=0)  # box_area's, on the columns
+    union = ((bx2 - bx1).clamp_(min=0) * (by2 - by1).clamp_(min=0) + area_a).sub_(intersection)
     return intersection / union.clamp_(min=torch.finfo(union.dtype).tiny)
 
 
-def _centres_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-    return boxes[..., 0] + 0.5 * width, boxes[..., 1] + 0.5 * height, width, height
+def _centres_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Centres [..., 2] and sizes [..., 2] of `boxes` [..., 4], as (x, y) pairs: half the ops of four coordinates,
+    for detection's per-image latency."""
+    size = boxes[..., 2:] - boxes[..., :2]
+    return boxes[..., :2] + 0.5 * size, size
 
 
 def encode_boxes(reference: Tensor, target: Tensor, weights: Weights = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
@@ -52,30 +58,24 @@ def encode_boxes(reference: Tensor, target: Tensor, weights: Weights = (1.0, 1.0
     Offsets are relative to the reference size and sizes are log-ratios, so the targets are scale-invariant;
     `weights` (wx, wy, ww, wh) rescale them to roughly unit variance, e.g. (10, 10, 5, 5) for the box head.
     """
-    rx, ry, rw, rh = _centres_and_sizes(reference)
-    tx, ty, tw, th = _centres_and_sizes(target)
-    wx, wy, ww, wh = weights
-    return torch.stack(
-        [wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=-1
-    )
+    centre, size = _centres_and_sizes(reference)
+    target_centre, target_size = _centres_and_sizes(target)
+    scale = target.new_tensor(weights)
+    return torch.cat([scale[:2] * (target_centre - centre) / size, scale[2:] * torch.log(target_size / size)], dim=-1)
 
 
 def decode_boxes(reference: Tensor, deltas: Tensor, weights: Weights = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
     """Boxes [..., 4] obtained by applying `deltas` [..., 4] to `reference` [..., 4]: the inverse of `encode_boxes`."""
-    rx, ry, rw, rh = _centres_and_sizes(reference)
-    wx, wy, ww, wh = weights
-    x = rx + deltas[..., 0] / wx * rw
-    y = ry + deltas[..., 1] / wy * rh
-    half_w = 0.5 * rw * torch.exp((deltas[..., 2] / ww).clamp(max=BBOX_EXP_CLAMP))
-    half_h = 0.5 * rh * torch.exp((deltas[..., 3] / wh).clamp(max=BBOX_EXP_CLAMP))
-    return torch.stack([x - half_w, y - half_h, x + half_w, y + half_h], dim=-1)
+    centre, size = _centres_and_sizes(reference)
+    scale = deltas.new_tensor(weights)
+    centre = centre + deltas[..., :2] / scale[:2] * size
+    half = 0.5 * size * torch.exp((deltas[..., 2:] / scale[2:]).clamp(max=BBOX_EXP_CLAMP))
+    return torch.cat([centre - half, centre + half], dim=-1)
 
 
 def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
     """`boxes` [..., 4] clamped to the image [0, width] × [0, height], so decoded proposals stay on the image."""
-    x = boxes[..., 0::2].clamp(0, width)  # [..., 2]: x1, x2
-    y = boxes[..., 1::2].clamp(0, height)  # [..., 2]: y1, y2
-    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+    return torch.clamp(boxes, boxes.new_zeros(4), boxes.new_tensor([width, height, width, height]))
 
 
 def mirror(images: Tensor, boxes: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,7 +109,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         if not suppressed[i]:
             keep.append(i)
             suppressed |= overlaps[i]
-    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+    return order[torch.from_numpy(np.array(keep, dtype=np.int64)).to(order.device)]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
@@ -156,6 +156,8 @@ def roi_align(
     """
     _, channels, height, width = features.shape
     points = output_size * sampling
+    if len(boxes) == 0:
+        return features.new_zeros(0, channels, output_size, output_size)
     # Coordinates in float32 whatever the features' dtype: bf16 would round a 96-px box's corners to 0.5 px.
     steps = (torch.arange(points, dtype=torch.float32, device=features.device) + 0.5) / points  # [P]
     scaled = boxes.float() * spatial_scale
@@ -165,14 +167,13 @@ def roi_align(
     gx = (2 * xs / width - 1)[:, None, :].expand(-1, points, -1)  # [K, P (y), P (x)]
     gy = (2 * ys / height - 1)[:, :, None].expand(-1, -1, points)  # [K, P (y), P (x)]
     grid = torch.stack([gx, gy], dim=-1)  # [K, P, P, 2]
-    samples = features.new_zeros(len(boxes), channels, points, points)
-    for b in batch_index.unique().tolist():
-        mine = batch_index == b
-        # all of one image's boxes in a single call: grid [1, K_b·P, P, 2] -> [1, C, K_b·P, P]
-        sampled = F.grid_sample(  # in float32, as autocast would run it anyway
-            features[b : b + 1].float(), grid[mine].reshape(1, -1, points, 2), align_corners=False, padding_mode="border"
-        )
-        samples[mine] = sampled.reshape(channels, -1, points, points).transpose(0, 1).to(samples.dtype)  # [K_b, C, P, P]
+    # Each run of boxes on one image in a single call (callers list an image's boxes together, so usually one run per
+    # image): grid [1, K_b·P, P, 2] -> [1, C, K_b·P, P] -> [K_b, C, P, P]
+    images, counts = torch.unique_consecutive(batch_index, return_counts=True)
+    samples = torch.cat([
+        F.grid_sample(features[b : b + 1].float(), run.reshape(1, -1, points, 2), align_corners=False,  # in float32,
+                      padding_mode="border").reshape(channels, -1, points, points).transpose(0, 1)  # as autocast would
+        for b, run in zip(images.tolist(), grid.split(counts.tolist()), strict=True)]).to(features.dtype)
     return samples if sampling == 1 else F.avg_pool2d(samples, sampling)  # a 1×1 average is a copy, and not cheap
 
 
