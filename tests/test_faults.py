@@ -167,6 +167,29 @@ def test_ctrl_c_exits_130_in_one_line_and_marks_the_run_killed(workdir):
     assert status == "KILLED"
 
 
+@pytest.mark.parametrize("stop, code", [("KeyboardInterrupt", 130), ("SystemExit(143)", 143)])
+def test_a_stop_that_lands_in_a_weakref_callback_still_stops_the_process(stop, code):
+    """Python ignores an exception raised in a finalizer or weakref callback, a signal handler's included: that
+    once let a training run on after Ctrl-C. `redeliver_stops` signals again, so the code that runs next stops."""
+    script = f"""
+import signal, sys, time, weakref
+from deepzoo import cli
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+sys.unraisablehook = cli.redeliver_stops
+class Thing: pass
+def callback(_): raise {stop}
+thing = Thing(); ref = weakref.ref(thing, callback); del thing  # the stop is raised, and ignored, here
+try:
+    time.sleep(30)
+except KeyboardInterrupt:
+    sys.exit(130)
+sys.exit(0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one C call
+    assert done.returncode == code, done.stderr
+
+
 def test_a_run_left_running_by_sigkill_is_marked_killed_by_the_next_start(workdir):
     write_params(workdir, {"cnn": {"train": {"epochs": 500, "patience": None}}})
     process = start(workdir, "train", "cnn")

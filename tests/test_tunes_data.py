@@ -104,6 +104,7 @@ def test_tunes_that_cannot_be_transposed_are_left_out(tmp_path):
     chords = REEL.replace("dAFA", '"D"dAFA')
     assert tunes.transpose(chords, 1) is None  # chord symbols would need their own spelling rules
     assert tunes.transpose(JIG.replace("K:G", "K:B#"), 1) is None  # its key would be F double-sharp major
+    assert tunes.transpose(JIG.replace("GAB c2d", "GA^^B c2d"), 1) is None  # B double-sharp: F triple-sharp
     counts, output = prepare(tmp_path, "\n\n".join([JIG, chords, REEL, POLKA]), val_fraction=0.25,
                              transpositions=(1, -1))
     train, val = tunes.load_tunes("train", output), tunes.load_tunes("val", output)

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,6 +78,20 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def redeliver_stops(unraisable: sys.UnraisableHookArgs) -> None:
+    """`sys.unraisablehook`: a Ctrl-C or SIGTERM that lands while Python runs a finalizer or a weakref callback
+    raises there, where Python reports it as "Exception ignored" and carries on: the training would run to its
+    end. Signal this process again, from another thread a moment later: a handler runs as soon as the signal comes,
+    and here it would raise inside this hook, ignored again. Should it land in a finalizer once more, this repeats."""
+    stops = {KeyboardInterrupt: signal.SIGINT, SystemExit: signal.SIGTERM}
+    if (stop := stops.get(type(unraisable.exc_value))) is not None:
+        again = threading.Timer(0.01, os.kill, (os.getpid(), stop))
+        again.daemon = True
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepzoo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # On SIGTERM (a stopped `dvc repro`, a timeout) unwind normally: temporary outputs are removed
     # and the MLflow run is closed as FAILED instead of left RUNNING.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    sys.unraisablehook = redeliver_stops
     die_with_parent()
     where = f"deepzoo {args.command} {args.target}"
     try:

@@ -71,23 +71,22 @@ def parse(text: str) -> Tune:
 LETTERS = "CDEFGAB"
 NATURAL = (0, 2, 4, 5, 7, 9, 11)  # semitones of the letters above C
 ACCIDENTALS = {"__": -2, "_": -1, "=": 0, "^": 1, "^^": 2}
+SIGNS = {offset: sign for sign, offset in ACCIDENTALS.items()}
+KEY_SIGNS = {"b": -1, "": 0, "#": 1}  # a key's tonic: Bb, G, F#
+TONIC_SIGNS = {offset: sign for sign, offset in KEY_SIGNS.items()}
 NOTE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)")
 KEY = re.compile(r"(\s*)([A-G])([#b]?)(.*)", re.DOTALL)
 UNMOVABLE = re.compile(r'"|\[[A-Za-z]:')  # chord symbols and annotations, inline fields: left as they are
 
 
-def _accidental(offset: int) -> str:
-    return {value: sign for sign, value in ACCIDENTALS.items()}[offset]
-
-
 def transpose(tune: str, fifths: int) -> str | None:
     """`tune` moved `fifths` steps round the circle of fifths (+1: a fifth up or, here, a fourth down: one sharp
     more in its key; −1: one flat more), or None when it holds something this does not move (chord symbols, inline
-    fields, a key it cannot read or that would need a double accidental).
+    fields, a key it cannot read or that would need a double accidental, a note that would need a triple one).
 
     Every note moves by the same number of letters (at most 3 up or down, so the tune keeps its range) and its key
     by the same interval: notes without an accidental then follow the new key signature, and an explicit accidental
-    is recomputed from the pitch (B↔F is the one letter step that is not a fifth: G major's ^c becomes D major's ^g,
+    is recomputed from the pitch (B↔F is the one letter step that is not a fifth: G major's ^c becomes D major's ^G,
     its _B becomes =F). Accidentals apply to the rest of a bar per letter and octave, so a note's successors in the
     bar stay consistent. Rhythm, bars and every other header are untouched.
     """
@@ -106,16 +105,16 @@ def transpose(tune: str, fifths: int) -> str | None:
         letter, octave, accidental = moved(LETTERS.index(name.upper()), octave, ACCIDENTALS.get(sign, 0))
         written = LETTERS[letter] if octave <= 0 else LETTERS[letter].lower()
         # a note with no accidental takes the new key's, which moved with it; an explicit one is recomputed
-        return (_accidental(accidental) if sign else "") + written + "," * -octave + "'" * (octave - 1)
+        return (SIGNS[accidental] if sign else "") + written + "," * -octave + "'" * (octave - 1)
 
     def key(value: str) -> str | None:
         found = KEY.fullmatch(value)
         if found is None:
             return None
         space, name, sign, mode = found.groups()
-        letter, _, accidental = moved(LETTERS.index(name), 0, {"#": 1, "b": -1, "": 0}[sign])
-        accidental = (accidental + 6) % 12 - 6
-        return None if abs(accidental) > 1 else space + LETTERS[letter] + {1: "#", -1: "b", 0: ""}[accidental] + mode
+        letter, _, accidental = moved(LETTERS.index(name), 0, KEY_SIGNS[sign])
+        tonic = TONIC_SIGNS.get((accidental + 6) % 12 - 6)  # None: a double sharp or flat
+        return None if tonic is None else space + LETTERS[letter] + tonic + mode
 
     if UNMOVABLE.search(tune):
         return None
@@ -128,7 +127,10 @@ def transpose(tune: str, fifths: int) -> str | None:
                     return None
                 line, in_body = "K:" + value, True
         elif not line.startswith("%"):
-            line = NOTE.sub(note, line)
+            try:
+                line = NOTE.sub(note, line)
+            except KeyError:  # a note that would need a triple sharp or flat: ABC has none
+                return None
         lines.append(line)
     return "\n".join(lines)
 

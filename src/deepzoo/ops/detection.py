@@ -39,8 +39,7 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)  # [..., N, M]
     height = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0)
     intersection = width.mul_(height)
-    area_a = (ax2 - ax1).clamp_(min=0) * (ay2 - ay1).clamp_(min=0)  # box_area's, on the columns
-    union = ((bx2 - bx1).clamp_(min=0) * (by2 - by1).clamp_(min=0) + area_a).sub_(intersection)
+    union = (box_area(a)[..., :, None] + box_area(b)[..., None, :]).sub_(intersection)
     return intersection / union.clamp_(min=torch.finfo(union.dtype).tiny)
 
 
