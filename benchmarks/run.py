@@ -8,7 +8,8 @@
 - what a stage pays before its work (Python, PyTorch and deepzoo imports, MLflow and its store);
 - MLflow overhead (share of training time spent logging metrics) and each stage's wall time and peak
   memory, from the last `dvc repro` (`.deepzoo/stages.jsonl`, `models/F/training.json`);
-- a no-op `dvc repro`, beside DVC's own floor: a synthetic pipeline of as many trivial stages.
+- a no-op `dvc repro`, beside DVC's own floor: a synthetic pipeline of as many trivial stages;
+- R-CNN against Faster R-CNN: the trained detectors' milliseconds per test scene, alternating, and the speed-up.
 
 Run from the repository root after `dvc repro` (it reads processed data, params and trained models).
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from deepzoo import config, registry
-from deepzoo.data import fashion_mnist
+from deepzoo.data import fashion_mnist, scenes
 from deepzoo.engine import stages
 from deepzoo.engine.device import configure_cpu, resolve
 from deepzoo.engine.trainer import (
@@ -270,6 +271,29 @@ def noop_repro_floor_seconds(stages_count: int, deps_per_stage: int = 1, params:
         return timed_noop_repro(repo, repeats)
 
 
+def detection_speed(rounds: int, scenes_count: int = 200) -> dict[str, float | int]:
+    """Milliseconds per image of the trained R-CNN and Faster R-CNN on the same test scenes, one image at a time as
+    their evaluation times them, alternating for `rounds` rounds so both see the same machine conditions (their
+    `evaluate` stages run minutes apart): each detector's median and the median speed-up of the rounds, its spread."""
+    images = scenes.load("test")["images"][:scenes_count]
+    detectors = {name: registry.family_module(name).detector(stages.load_trained(name)[1])
+                 for name in ("rcnn", "faster_rcnn")}
+    milliseconds: dict[str, list[float]] = {name: [] for name in detectors}
+    with torch.inference_mode():
+        for detect in detectors.values():
+            detect(images[0])  # the first call pays one-off allocations
+        for _ in range(rounds):
+            for name, detect in detectors.items():
+                start = time.perf_counter()
+                for image in images:
+                    detect(image)
+                milliseconds[name].append((time.perf_counter() - start) / len(images) * 1000)
+    speedups = [slow / fast for slow, fast in zip(milliseconds["rcnn"], milliseconds["faster_rcnn"], strict=True)]
+    return {**{f"{name}_ms_per_image": round(statistics.median(ms), 3) for name, ms in milliseconds.items()},
+            "speedup": round(statistics.median(speedups), 2), "speedup_min": round(min(speedups), 2),
+            "speedup_max": round(max(speedups), 2), "rounds": rounds, "scenes": len(images)}
+
+
 def pipeline_shape() -> tuple[int, int]:
     """Stages of deepzoo's pipeline (foreach expanded) and their dependencies per stage (rounded), as `dvc.lock`
     lists them."""
@@ -296,7 +320,7 @@ def tracking_overhead() -> dict[str, float]:
     return shares
 
 
-PARTS = ["throughput", "time_to_target", "startup", "repro"]
+PARTS = ["throughput", "time_to_target", "startup", "detection", "repro"]
 
 
 def main() -> None:
@@ -330,6 +354,10 @@ def main() -> None:
     if "startup" in args.parts:
         results["startup_seconds"] = startup_seconds()
         print(f"stage start-up: {results['startup_seconds']}", flush=True)
+        write_json(args.output, results)
+    if "detection" in args.parts:  # needs the trained detectors (models/rcnn, models/faster_rcnn)
+        results["detection_speed"] = detection_speed(args.rounds)
+        print(f"R-CNN vs Faster R-CNN: {results['detection_speed']}", flush=True)
         write_json(args.output, results)
     if "repro" in args.parts:  # needs dvc (not on a bare GPU box) and the last `dvc repro`'s outputs
         results["mlflow_overhead_percent"] = tracking_overhead()

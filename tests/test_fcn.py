@@ -11,7 +11,7 @@ from deepzoo.families.residual import Backbone
 
 def config(widths: tuple[int, ...], skips: int) -> fcn.ModelConfig:
     return fcn.ModelConfig(backbone=Backbone(widths=widths, blocks=1, pretrained=False, frozen=0), skips=skips,
-                           flip=False)
+                           flip=False, fresh_scenes=False)
 
 
 @pytest.mark.parametrize("skips", [0, 1, 2])

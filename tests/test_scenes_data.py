@@ -140,6 +140,27 @@ def test_each_split_draws_only_its_own_images(tmp_path):
         assert d["labels"].min() >= low and d["labels"].max() < high
 
 
+def test_fresh_training_scenes_are_composed_like_the_stored_ones_from_training_images_only(tmp_path):
+    source = fake_fashion_mnist(tmp_path / "source", uniform=True)
+    _, output = prepare(tmp_path, source=source, train_scenes=40)
+    draw = scenes.fresh_training_scenes(25, output, source)
+    first, again = draw(torch.Generator().manual_seed(7)), draw(torch.Generator().manual_seed(7))
+    assert all(torch.equal(first[key], again[key]) for key in scenes.KEYS)  # the generator decides everything
+    other = draw(torch.Generator().manual_seed(8))
+    assert not torch.equal(first["images"], other["images"])
+    assert first["images"].shape == (25, CANVAS, CANVAS) and scenes.problem(first) is None
+    brightness, (low, high) = FAKE["train"][1], FAKE["train"][2]
+    assert set(first["images"].unique().tolist()) == {0, brightness}
+    assert first["labels"].min() >= low and first["labels"].max() < high
+    assert ((first["masks"] > 0) == (first["images"] > THRESHOLD)).all()
+
+
+def test_fresh_training_scenes_need_the_params_the_stored_ones_were_composed_with(tmp_path, prepared):
+    assert scenes.Params.model_validate_json((prepared[1] / scenes.PARAMS).read_text()) == scenes.Params(**PARAMS)
+    with pytest.raises(scenes.SceneDataError, match="params.json not found: run `dvc repro prepare_scenes`"):
+        scenes.fresh_training_scenes(5, tmp_path)
+
+
 def test_the_examples_figure_is_written(prepared):
     figure = prepared[1] / "examples.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000

@@ -94,6 +94,35 @@ def test_onecycle_warms_up_per_step_then_anneals_and_resumes_on_the_same_curve()
     assert [row["lr"] for row in resumed.history] == lrs
 
 
+def test_redraw_gives_every_epoch_after_the_first_new_data_and_resumes_drawing_the_same():
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=0.05, schedule="none", patience=None)
+    drawn = []
+
+    def redraw(generator):
+        x, y = regression_data(seed=int(torch.randint(1000, (), generator=generator)))
+        drawn.append(x)
+        return x, y
+
+    runs = {}
+    for name in ("redrawn", "fixed"):
+        torch.manual_seed(0)
+        runs[name] = Regression()
+        fit(runs[name], regression_data(), None, cfg, CPU, torch.Generator().manual_seed(0),
+            redraw=redraw if name == "redrawn" else None)
+    assert len(drawn) == 2 and not torch.equal(drawn[0], drawn[1])  # epochs 2 and 3, each its own draw
+    assert not torch.equal(runs["redrawn"].linear.weight, runs["fixed"].linear.weight)
+
+    checkpoints, drawn[:] = [], []
+    torch.manual_seed(0)
+    fit(Regression(), regression_data(), None, cfg, CPU, torch.Generator().manual_seed(0),
+        on_checkpoint=lambda state: checkpoints.append(copy.deepcopy(state)), redraw=redraw)
+    uninterrupted = list(drawn)
+    resumed, drawn[:] = Regression(), []
+    fit(resumed, regression_data(), None, cfg, CPU, torch.Generator(), resume=checkpoints[0], redraw=redraw)
+    assert len(drawn) == 2 and all(torch.equal(a, b) for a, b in zip(drawn, uninterrupted, strict=True))
+    assert torch.equal(resumed.linear.weight, runs["redrawn"].linear.weight)
+
+
 def test_weight_average_is_what_evaluation_sees_what_training_returns_and_what_resumes():
     cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, schedule="none", patience=None, ema=0.9,
                       mixed_precision=False)  # compared with float32 steps by hand below

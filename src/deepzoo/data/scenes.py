@@ -14,12 +14,14 @@ Output `data/processed/scenes/{train,val,test}.pt`, each a ragged batch of S sce
                                included; pixel (row i, column j) covers [j, j + 1] × [i, i + 1], as in deepzoo.ops
     labels   int64 [K]         the items' classes, 0–9
     offsets  int64 [S + 1]     scene s owns boxes[offsets[s] : offsets[s + 1]] and labels likewise
-and `examples.png`: six training scenes with their boxes, beside their masks.
+and `params.json`, the params they were composed with; `examples.png`: six training scenes with their boxes, beside
+their masks.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -41,6 +43,7 @@ from deepzoo.storage import atomic_path, save_figure
 OUTPUT = Path("data/processed/scenes")
 EXPERIMENT = "fashion-mnist-scenes"  # the MLflow experiment of the families trained on scenes
 SPLITS = ("train", "val", "test")
+PARAMS = "params.json"  # the params the scenes were composed with, for families that compose more of them
 KEYS = {"images": torch.uint8, "masks": torch.uint8, "boxes": torch.float32, "labels": torch.int64,
         "offsets": torch.int64}  # fmt: skip
 # Positions an item tries before it is dropped: at 1–5 items of 20–44 px on 96 px, 32 tries drop 0.01% of the items
@@ -145,19 +148,24 @@ def compose(images: Tensor, labels: Tensor, count: int, params: Params,
             "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])}
 
 
+def garments(split: str, params: Params, source: Path = fashion_mnist.OUTPUT) -> tuple[Tensor, Tensor]:
+    """The images [N, 28, 28] and labels [N] of a Fashion-MNIST split that scenes hold: every one with a pixel
+    above mask_threshold. Blank images would make empty items; without them a scene's first item always shows."""
+    data = fashion_mnist.load(split, source)
+    visible = data["images"].amax((1, 2)) > params.mask_threshold
+    if not visible.any():
+        raise SceneDataError(f"{source / split}.pt: no image has a pixel above mask_threshold "
+                             f"({params.mask_threshold})")
+    return data["images"][visible], data["labels"][visible]
+
+
 def prepare(params: Params, seed: int, output: Path = OUTPUT, source: Path = fashion_mnist.OUTPUT) -> dict[str, int]:
     counts = {"train": params.train_scenes, "val": params.val_scenes, "test": params.test_scenes}
     splits = {}
     for index, split in enumerate(SPLITS):
-        data = fashion_mnist.load(split, source)
-        # Blank images would make empty items; dropping them keeps a scene's first item, so no scene is empty.
-        visible = data["images"].amax((1, 2)) > params.mask_threshold
-        if not visible.any():
-            raise SceneDataError(f"{source / split}.pt: no image has a pixel above mask_threshold "
-                                 f"({params.mask_threshold})")
         # One stream per split: changing test_scenes leaves the training scenes as they were.
         generator = torch.Generator().manual_seed(seed * len(SPLITS) + index)
-        splits[split] = compose(data["images"][visible], data["labels"][visible], counts[split], params, generator)
+        splits[split] = compose(*garments(split, params, source), counts[split], params, generator)
         if (empty := splits[split]["offsets"].diff() == 0).any():
             raise SceneDataError(f"{source / split}.pt: scene {int(empty.nonzero()[0])} has no item brighter "
                                  f"than mask_threshold ({params.mask_threshold}) once rescaled")
@@ -165,6 +173,7 @@ def prepare(params: Params, seed: int, output: Path = OUTPUT, source: Path = fas
         tmp.mkdir()
         for split, tensors in splits.items():
             torch.save(tensors, tmp / f"{split}.pt")
+        (tmp / PARAMS).write_text(params.model_dump_json(indent=2))
         save_figure(tmp / "examples.png", examples_figure(splits["train"]))
     items = sum(len(t["labels"]) for t in splits.values())
     return {**{split: len(t["images"]) for split, t in splits.items()}, "items": items}
@@ -217,6 +226,24 @@ def load(split: str, root: Path = OUTPUT) -> dict[str, Tensor]:
     if (found := problem(data)) is not None:
         raise SceneDataError(f"{path}: {found}")
     return data
+
+
+def fresh_training_scenes(count: int, root: Path = OUTPUT,
+                          source: Path = fashion_mnist.OUTPUT) -> Callable[[torch.Generator], dict[str, Tensor]]:
+    """A drawer of `count` new training scenes, composed as `prepare` composed the stored ones (its params, the
+    training split's garments) from the generator it is given: a family's training data afresh every epoch."""
+    path = root / PARAMS
+    if not path.is_file():
+        raise SceneDataError(f"{path} not found: run `dvc repro prepare_scenes` first")
+    params = Params.model_validate_json(path.read_text())
+    pool: tuple[Tensor, Tensor] | None = None  # loaded at the first draw: evaluation rebuilds a family, never draws
+
+    def draw(generator: torch.Generator) -> dict[str, Tensor]:
+        nonlocal pool
+        pool = pool or garments("train", params, source)
+        return compose(*pool, count, params, generator)
+
+    return draw
 
 
 def items(data: dict[str, Tensor], scene: int) -> tuple[Tensor, Tensor]:

@@ -47,6 +47,8 @@ class Variant:
     data: dict[str, Batch]
     # What sets the model's starting weights before training (pretrained ones), returning tags that name them.
     warm_start: Callable[[], dict[str, str]] | None = None
+    # A new training set of as many examples, drawn with the given generator for every epoch after the first.
+    redraw: Callable[[torch.Generator], Batch] | None = None
 
 
 @dataclass
@@ -115,7 +117,7 @@ def train(name: str, restart: bool = False) -> None:
                 results[variant_name] = fit(variant.model, variant.data["train"], variant.data.get("val"),
                                             cfg.train, device, generator, log, resume,
                                             (lambda state, v=variant_name: point.save(v, state)) if point.enabled
-                                            else None, variant.data.get("test"))
+                                            else None, variant.data.get("test"), variant.redraw)
                 point.finish(variant_name, variant.model, results[variant_name], generator)
             if tracker is not None:
                 _save_training(name, family, cfg, variants, results, tracker)

@@ -257,7 +257,8 @@ class EarlyStopping:
 def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, device: torch.device,
         generator: torch.Generator, on_epoch: Callable[[int, dict[str, float]], None] = lambda *_: None,
         resume: dict[str, Any] | None = None,
-        on_checkpoint: Callable[[dict[str, Any]], None] | None = None, test: Batch | None = None) -> FitResult:
+        on_checkpoint: Callable[[dict[str, Any]], None] | None = None, test: Batch | None = None,
+        redraw: Callable[[torch.Generator], Batch] | None = None) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch (with `cfg.ema`, of the
     weight average: every evaluation here measures the average).
 
@@ -268,6 +269,9 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
     After every epoch `on_checkpoint` gets the whole training state (`TrainingState`'s dict: weights,
     optimizers, schedules, early stopping, random generators, history); `resume` takes such a state and goes
     on from the epoch after it, as if training had never stopped.
+
+    With `redraw`, every epoch after the first trains on `redraw(generator)` instead of `train`: a new draw of as
+    many examples, from the training's own generator, so that a resumed training draws what it would have.
     """
     model.to(device)
     if device.type == "cuda":
@@ -296,6 +300,9 @@ def fit(model: Trainable, train: Batch, val: Batch | None, cfg: TrainConfig, dev
         if done:
             break
         epoch_start = time.perf_counter()
+        if redraw is not None and epoch > 1:
+            train = redraw(generator)
+            train = resident(train, device) if device.type == "cuda" else train
         row, first = _train_epoch(model, groups, optimizers, per_step, average, train, cfg, device, generator, epoch)
         first_losses = first_losses or {k: v for k, v in first.items() if k.endswith("loss")}
         _check_growth(row, first_losses, epoch, cfg)

@@ -193,9 +193,12 @@ def variants(cfg: Config) -> dict[str, Variant]:
     return {"faster_rcnn": Variant(model, data, cfg.model.backbone.warm_start(model.trunk(), model.classify))}
 
 
+def detector(ctx: Context) -> detection.Detector:
+    """The trained model as a detector of one stored image, as evaluation times it."""
+    model = ctx.variants["faster_rcnn"].model.eval()
+    return lambda image: model.detect(model.prepare((image[None].to(ctx.device),))[0])[0]
+
+
 def evaluate(ctx: Context) -> dict[str, float]:
     """COCO mAP, seconds and proposals per image on the test scenes, one image at a time."""
-    model = ctx.variants["faster_rcnn"].model.eval()
-    return detection.evaluate_detector(
-        lambda image: model.detect(model.prepare((image[None].to(ctx.device),))[0])[0],
-        scenes.load("test"), ctx.out, ctx.cfg.evaluate.figure_scenes)
+    return detection.evaluate_detector(detector(ctx), scenes.load("test"), ctx.out, ctx.cfg.evaluate.figure_scenes)

@@ -10,6 +10,8 @@ upsampled to the input. No dense layer anywhere: the network takes a canvas of a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -35,6 +37,7 @@ class ModelConfig(Section):
     backbone: Backbone  # the encoder: its stem at full resolution, then each stage halves H, W
     skips: int = Field(ge=0)  # finer levels whose class scores join the deepest's: 2 of 5 levels = FCN-8s
     flip: bool  # training augmentation: each scene mirrored left-right (with its mask) with probability 1/2
+    fresh_scenes: bool  # training augmentation: every epoch after the first composes new scenes, as prepare_scenes did
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
@@ -97,7 +100,19 @@ class FCN(Trainable):
 def variants(cfg: Config) -> dict[str, Variant]:
     data = {split: (found["images"], found["masks"]) for split in scenes.SPLITS for found in [scenes.load(split)]}
     model = FCN(cfg.model)
-    return {"fcn": Variant(model, data, cfg.model.backbone.warm_start(model.encoder, model.score[0]))}
+    redraw = fresh_scenes(len(data["train"][0])) if cfg.model.fresh_scenes else None
+    return {"fcn": Variant(model, data, cfg.model.backbone.warm_start(model.encoder, model.score[0]), redraw)}
+
+
+def fresh_scenes(count: int) -> Callable[[torch.Generator], Batch]:
+    """(images, masks) of `count` new training scenes, drawn from a generator: an epoch's training data."""
+    draw = scenes.fresh_training_scenes(count)
+
+    def redraw(generator: torch.Generator) -> Batch:
+        drawn = draw(generator)
+        return drawn["images"], drawn["masks"]
+
+    return redraw
 
 
 @torch.no_grad()

@@ -235,10 +235,14 @@ def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5
     return found / len(truth["boxes"])
 
 
+def detector(ctx: Context) -> detection.Detector:
+    """The trained model as a detector of one stored image, as evaluation times it."""
+    model = ctx.variants["rcnn"].model.eval()
+    return lambda image: model.detect(image[None].to(ctx.device), ctx.cfg.evaluate)[0]
+
+
 def evaluate(ctx: Context) -> dict[str, float]:
     """COCO mAP, seconds and proposals per image on the test scenes, one image at a time; the proposals' recall."""
-    model = ctx.variants["rcnn"].model.eval()
     test = scenes.load("test")
-    metrics = detection.evaluate_detector(lambda image: model.detect(image[None].to(ctx.device), ctx.cfg.evaluate)[0],
-                                          test, ctx.out, ctx.cfg.evaluate.figure_scenes)
-    return metrics | {"proposal_recall_50": round(proposal_recall(test, model.cfg), 4)}
+    metrics = detection.evaluate_detector(detector(ctx), test, ctx.out, ctx.cfg.evaluate.figure_scenes)
+    return metrics | {"proposal_recall_50": round(proposal_recall(test, ctx.variants["rcnn"].model.cfg), 4)}
