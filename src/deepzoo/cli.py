@@ -125,4 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{where}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        # The work is over, done, failed or stopped: a stop that `redeliver_stops` is still about to signal again
+        # would only turn this orderly exit into a death by signal (seen: exit -2 after the Ctrl-C message).
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
     return 0
