@@ -78,6 +78,9 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+REDELIVERIES: list[threading.Timer] = []  # stops `redeliver_stops` will signal again, cancelled when the work ends
+
+
 def redeliver_stops(unraisable: sys.UnraisableHookArgs) -> None:
     """`sys.unraisablehook`: a Ctrl-C or SIGTERM that lands while Python runs a finalizer or a weakref callback
     raises there, where Python reports it as "Exception ignored" and carries on: the training would run to its
@@ -88,6 +91,7 @@ def redeliver_stops(unraisable: sys.UnraisableHookArgs) -> None:
         again = threading.Timer(0.01, os.kill, (os.getpid(), stop))
         again.daemon = True
         again.start()
+        REDELIVERIES.append(again)
     else:
         sys.__unraisablehook__(unraisable)
 
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         # The work is over, done, failed or stopped: a stop that `redeliver_stops` is still about to signal again
-        # would only turn this orderly exit into a death by signal (seen: exit -2 after the Ctrl-C message).
-        for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, signal.SIG_IGN)
+        # would land while Python shuts down, its handlers back to the default, and kill this orderly exit (seen:
+        # exit -2 after the Ctrl-C message).
+        for pending in REDELIVERIES:
+            pending.cancel()
     return 0
