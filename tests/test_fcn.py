@@ -1,4 +1,5 @@
-"""The FCN: logits of the input's size for any number of skips, a loss that falls, and a clear config error."""
+"""The FCN: logits of the input's size for any number of skips, a loss that falls, flip test-time averaging, and
+a clear config error."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from deepzoo.families.residual import Backbone
 
 def config(widths: tuple[int, ...], skips: int) -> fcn.ModelConfig:
     return fcn.ModelConfig(backbone=Backbone(widths=widths, blocks=1, pretrained=False, frozen=0), skips=skips,
-                           flip=False, fresh_scenes=False)
+                           flip=False, fresh_scenes=False, flip_tta=False)
 
 
 @pytest.mark.parametrize("skips", [0, 1, 2])
@@ -53,3 +54,14 @@ def test_training_mirrors_about_half_the_scenes_each_with_its_mask_and_evaluatio
     mirrored = torch.tensor([not torch.equal(masks[i], images[i].long()) for i in range(len(images))])
     assert 16 < mirrored.sum() < 48 and torch.equal(masks[mirrored], images[mirrored].flip(-1).long())
     assert torch.equal(model.eval().prepare((images, images))[1], images.long())
+
+
+def test_flip_tta_makes_evaluation_mirror_symmetric_and_leaves_training_alone():
+    torch.manual_seed(0)
+    model = fcn.FCN(config((4, 8), 2).model_copy(update={"flip_tta": True}))
+    x = torch.rand(2, 1, 32, 32)
+    model.eval()
+    assert torch.allclose(model(x.flip(-1)), model(x).flip(-1), atol=1e-6)  # the mirror of a scene, the mirror's masks
+    assert torch.allclose(model(x), (model.segment(x) + model.segment(x.flip(-1)).flip(-1)) / 2)
+    model.train()
+    assert torch.equal(model(x), model.segment(x))
