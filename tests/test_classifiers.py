@@ -140,6 +140,21 @@ def test_freezing_levels_that_do_not_exist_or_were_never_trained_is_a_clear_erro
         residual.Backbone(widths=(4, 8), blocks=1, pretrained=pretrained, frozen=frozen)
 
 
+def test_folding_batch_norm_into_the_convs_keeps_a_trunks_outputs_and_leaves_no_norm():
+    trunk = residual.trunk((4, 8), blocks=1, frozen=1)  # a frozen stem: FrozenBatchNorm2d folds as well
+    for norm in (m for m in trunk.modules() if hasattr(m, "running_var")):
+        with torch.no_grad():
+            for tensor in (norm.weight, norm.bias, norm.running_mean):
+                tensor.normal_()
+            norm.running_var.uniform_(0.5, 2)
+    trunk.eval()
+    x = torch.rand(2, 1, 12, 12)
+    folded = residual.fold_batch_norm(copy.deepcopy(trunk))
+    assert not any(hasattr(m, "running_var") for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules()) == 7  # the stem, 3 per block: none lost
+    torch.testing.assert_close(folded(x), trunk(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_residual_block_with_a_zero_residual_passes_its_input_through():
     block = residual.ResidualBlock(4, 4, stride=1).eval()
     torch.nn.init.zeros_(block.residual[-1].weight)  # the last BN's scale: F(x) = 0

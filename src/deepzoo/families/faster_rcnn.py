@@ -13,6 +13,8 @@ Both are trained together, from one loss: the RPN's (sampled anchors) plus the h
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -22,7 +24,7 @@ from deepzoo.config import Section, TrainConfig
 from deepzoo.data import fashion_mnist, scenes
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
-from deepzoo.families.residual import Backbone
+from deepzoo.families.residual import Backbone, fold_batch_norm
 from deepzoo.metrics import detection
 from deepzoo.ops.detection import (anchors, batched_nms, clip_boxes, decode_boxes, encode_boxes, match_anchors,
                                    mirror, nms, region_targets, remove_small, roi_align, sample_labels,
@@ -194,8 +196,9 @@ def variants(cfg: Config) -> dict[str, Variant]:
 
 
 def detector(ctx: Context) -> detection.Detector:
-    """The trained model as a detector of one stored image, as evaluation times it."""
-    model = ctx.variants["faster_rcnn"].model.eval()
+    """The trained model as a detector of one stored image, as evaluation times it: a copy with its batch norms
+    folded into its convs, as a deployed detector runs."""
+    model = fold_batch_norm(copy.deepcopy(ctx.variants["faster_rcnn"].model).eval())
     return lambda image: model.detect(model.prepare((image[None].to(ctx.device),))[0])[0]
 
 

@@ -16,6 +16,7 @@ The cost is step 2: a full CNN pass per proposal, hundreds per image, where Fast
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 
 import torch
@@ -27,7 +28,7 @@ from deepzoo.config import Section, TrainConfig, Width
 from deepzoo.data import fashion_mnist, scenes
 from deepzoo.engine.stages import Context, Variant
 from deepzoo.engine.trainer import Batch, Trainable
-from deepzoo.families.residual import Backbone
+from deepzoo.families.residual import Backbone, fold_batch_norm
 from deepzoo.metrics import detection
 from deepzoo.ops.detection import (
     batched_nms,
@@ -236,8 +237,9 @@ def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5
 
 
 def detector(ctx: Context) -> detection.Detector:
-    """The trained model as a detector of one stored image, as evaluation times it."""
-    model = ctx.variants["rcnn"].model.eval()
+    """The trained model as a detector of one stored image, as evaluation times it: a copy with its batch norms
+    folded into its convs, as a deployed detector runs."""
+    model = fold_batch_norm(copy.deepcopy(ctx.variants["rcnn"].model).eval())
     return lambda image: model.detect(image[None].to(ctx.device), ctx.cfg.evaluate)[0]
 
 

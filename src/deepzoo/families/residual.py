@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deepzoo import registry
 from deepzoo.config import Section, Width
@@ -73,6 +74,20 @@ def trunk(widths: tuple[int, ...] | list[int], blocks: int, frozen: int = 0) -> 
     for level in levels[:frozen]:
         level.requires_grad_(False)
     return nn.Sequential(*levels)
+
+
+def fold_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` (in eval mode) with each conv that a batch norm follows in a Sequential, as in the trunk and its
+    blocks, merged with that norm into one conv: a deployed ResNet's inference, the same outputs to float rounding
+    without a normalisation pass per conv. In place: fold a copy to keep the model that trains and is logged."""
+    for child in module.children():
+        fold_batch_norm(child)
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
+                module[i + 1] = nn.Identity()
+    return module
 
 
 class Backbone(Section):
