@@ -13,8 +13,6 @@ Both are trained together, from one loss: the RPN's (sampled anchors) plus the h
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -196,9 +194,9 @@ def variants(cfg: Config) -> dict[str, Variant]:
 
 
 def detector(ctx: Context) -> detection.Detector:
-    """The trained model as a detector of one stored image, as evaluation times it: a copy with its batch norms
-    folded into its convs, as a deployed detector runs."""
-    model = fold_batch_norm(copy.deepcopy(ctx.variants["faster_rcnn"].model).eval())
+    """The trained model as a detector of one stored image, as evaluation times it: with its batch norms folded
+    into its convs, as a deployed detector runs."""
+    model = fold_batch_norm(ctx.variants["faster_rcnn"].model)
     return lambda image: model.detect(model.prepare((image[None].to(ctx.device),))[0])[0]
 
 

@@ -16,7 +16,6 @@ The cost is step 2: a full CNN pass per proposal, hundreds per image, where Fast
 
 from __future__ import annotations
 
-import copy
 from functools import cache
 
 import torch
@@ -237,9 +236,9 @@ def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5
 
 
 def detector(ctx: Context) -> detection.Detector:
-    """The trained model as a detector of one stored image, as evaluation times it: a copy with its batch norms
-    folded into its convs, as a deployed detector runs."""
-    model = fold_batch_norm(copy.deepcopy(ctx.variants["rcnn"].model).eval())
+    """The trained model as a detector of one stored image, as evaluation times it: with its batch norms folded
+    into its convs, as a deployed detector runs."""
+    model = fold_batch_norm(ctx.variants["rcnn"].model)
     return lambda image: model.detect(image[None].to(ctx.device), ctx.cfg.evaluate)[0]
 
 

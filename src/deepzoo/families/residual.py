@@ -7,6 +7,7 @@ ImageNet's: here the trained `resnet`, whose stem and first stages (`Backbone`) 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable
@@ -77,17 +78,17 @@ def trunk(widths: tuple[int, ...] | list[int], blocks: int, frozen: int = 0) -> 
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:
-    """`module` (in eval mode) with each conv that a batch norm follows in a Sequential, as in the trunk and its
-    blocks, merged with that norm into one conv: a deployed ResNet's inference, the same outputs to float rounding
-    without a normalisation pass per conv. In place: fold a copy to keep the model that trains and is logged."""
-    for child in module.children():
-        fold_batch_norm(child)
-    if isinstance(module, nn.Sequential):
-        for i in range(len(module) - 1):
-            if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
-                module[i + 1] = nn.Identity()
-    return module
+    """A copy of `module` for inference (eval mode) with each conv that a batch norm follows in a Sequential, as in
+    the trunk and its blocks, merged with that norm into one conv: a deployed ResNet's inference, the same outputs
+    to float rounding without a normalisation pass per conv. `module` itself, which trains and is logged, keeps
+    its norms."""
+    folded = copy.deepcopy(module).eval()
+    for sequence in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(sequence) - 1):
+            if isinstance(sequence[i], nn.Conv2d) and isinstance(sequence[i + 1], (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                sequence[i] = fuse_conv_bn_eval(sequence[i], sequence[i + 1])
+                sequence[i + 1] = nn.Identity()
+    return folded
 
 
 class Backbone(Section):
