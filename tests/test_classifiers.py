@@ -121,12 +121,17 @@ def test_frozen_levels_keep_their_trained_weights_and_statistics_while_the_rest_
     assert any(key.endswith("running_mean") for key in changed)
 
 
-def test_frozen_batch_norm_normalises_as_batch_norm_does_at_evaluation_in_both_modes():
-    norm = torch.nn.BatchNorm2d(3)
+def trained_statistics(norm: torch.nn.Module) -> None:
+    """Give a (frozen) batch norm an affine and running statistics far from its identity start, as training would."""
     with torch.no_grad():
         for tensor in (norm.weight, norm.bias, norm.running_mean):
             tensor.normal_()
         norm.running_var.uniform_(0.5, 2)
+
+
+def test_frozen_batch_norm_normalises_as_batch_norm_does_at_evaluation_in_both_modes():
+    norm = torch.nn.BatchNorm2d(3)
+    trained_statistics(norm)
     frozen = residual.FrozenBatchNorm2d(3)
     frozen.load_state_dict(norm.state_dict())  # the same keys: a trained resnet loads into it
     x = torch.randn(2, 3, 5, 5)
@@ -143,10 +148,7 @@ def test_freezing_levels_that_do_not_exist_or_were_never_trained_is_a_clear_erro
 def test_folding_batch_norm_into_the_convs_keeps_a_trunks_outputs_and_leaves_no_norm():
     trunk = residual.trunk((4, 8), blocks=1, frozen=1)  # a frozen stem: FrozenBatchNorm2d folds as well
     for norm in (m for m in trunk.modules() if hasattr(m, "running_var")):
-        with torch.no_grad():
-            for tensor in (norm.weight, norm.bias, norm.running_mean):
-                tensor.normal_()
-            norm.running_var.uniform_(0.5, 2)
+        trained_statistics(norm)
     trunk.eval()
     x = torch.rand(2, 1, 12, 12)
     folded = residual.fold_batch_norm(trunk)
