@@ -44,6 +44,7 @@ from deepzoo.engine.trainer import (
     to_device,
 )
 from deepzoo.families import cnn
+from deepzoo.metrics import detection
 from deepzoo.storage import write_json
 
 OUTPUT = Path("reports/benchmarks.json")
@@ -272,26 +273,29 @@ def noop_repro_floor_seconds(stages_count: int, deps_per_stage: int = 1, params:
 
 
 def detection_speed(rounds: int, scenes_count: int = 200) -> dict[str, float | int]:
-    """Milliseconds per image of the trained R-CNN and Faster R-CNN on the same test scenes, one image at a time as
-    their evaluation times them, alternating for `rounds` rounds so both see the same machine conditions (their
-    `evaluate` stages run minutes apart): each detector's median and the median speed-up of the rounds, its spread."""
+    """Milliseconds per image of the trained R-CNN and Faster R-CNN on the same test scenes, alternating for
+    `rounds` rounds so both see the same machine conditions (their `evaluate` stages run minutes apart): one image
+    at a time as their evaluation times it (latency), and in batches, each detector at the fastest of
+    `detection.THROUGHPUT_BATCHES` (throughput). Each detector's median and the median speed-up of the rounds,
+    its spread."""
     images = scenes.load("test")["images"][:scenes_count]
     detectors = {name: registry.family_module(name).detector(stages.load_trained(name)[1])
                  for name in ("rcnn", "faster_rcnn")}
-    milliseconds: dict[str, list[float]] = {name: [] for name in detectors}
+    milliseconds: dict[str, list[float]] = {f"{name}{kind}": [] for name in detectors for kind in ("", "_batched")}
     with torch.inference_mode():
-        for detect in detectors.values():
-            detect(images[0])  # the first call pays one-off allocations
         for _ in range(rounds):
             for name, detect in detectors.items():
-                start = time.perf_counter()
-                for image in images:
-                    detect(image)
-                milliseconds[name].append((time.perf_counter() - start) / len(images) * 1000)
-    speedups = [slow / fast for slow, fast in zip(milliseconds["rcnn"], milliseconds["faster_rcnn"], strict=True)]
-    return {**{f"{name}_ms_per_image": round(statistics.median(ms), 3) for name, ms in milliseconds.items()},
-            "speedup": round(statistics.median(speedups), 2), "speedup_min": round(min(speedups), 2),
-            "speedup_max": round(max(speedups), 2), "rounds": rounds, "scenes": len(images)}
+                milliseconds[name].append(detection.seconds_per_image(detect, images, 1) * 1000)
+                milliseconds[f"{name}_batched"].append(min(detection.throughput(detect, images).values()) * 1000)
+    results: dict[str, float | int] = {"rounds": rounds, "scenes": len(images)}
+    for kind in ("", "_batched"):
+        slow, fast = milliseconds[f"rcnn{kind}"], milliseconds[f"faster_rcnn{kind}"]
+        speedups = [r / f for r, f in zip(slow, fast, strict=True)]
+        results |= {f"rcnn{kind}_ms_per_image": round(statistics.median(slow), 3),
+                    f"faster_rcnn{kind}_ms_per_image": round(statistics.median(fast), 3),
+                    f"speedup{kind}": round(statistics.median(speedups), 2),
+                    f"speedup{kind}_min": round(min(speedups), 2), f"speedup{kind}_max": round(max(speedups), 2)}
+    return results
 
 
 def pipeline_shape() -> tuple[int, int]:

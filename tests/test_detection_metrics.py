@@ -50,15 +50,18 @@ def test_wrong_labels_and_no_detections_score_zero():
 
 def test_evaluate_detector_times_every_scene_and_writes_its_reports(tmp_path):
     t = truth()
+    t["images"][1] += 1  # the fake detector below tells scenes apart by their pixels
+    found = found_from(t["boxes"], t["labels"], [0, 2, 3])
     calls = []
 
-    def detect(image):
-        calls.append(image.shape)
-        return found_from(t["boxes"], t["labels"], [0, 2, 3])[len(calls) - 1]
+    def detect(images):
+        calls.append(len(images))
+        return [found[next(i for i, scene in enumerate(t["images"]) if torch.equal(scene, image))] for image in images]
 
     metrics = detection.evaluate_detector(detect, t, tmp_path, figure_scenes=2)
-    assert calls == [(96, 96), (96, 96)]
+    assert calls[:2] == [1, 1]  # the scored detections: every scene alone, as its latency is timed
     assert metrics["map_50"] == 1.0 and metrics["proposals_per_image"] == 7.0 and metrics["seconds_per_image"] >= 0
+    assert metrics["fastest_batch_size"] in detection.THROUGHPUT_BATCHES and metrics["seconds_per_image_batched"] >= 0
     assert (tmp_path / "per_class_ap.csv").read_text().startswith("class,ap_50,ap_50_95\nT-shirt/top,1.0,1.0")
     assert "Average Precision" in (tmp_path / "coco_summary.txt").read_text()
     assert (tmp_path / "detections.png").stat().st_size > 0
@@ -68,3 +71,16 @@ def test_detection_tensors_pad_each_scene_to_the_largest():
     images, boxes, labels = scenes.detection_tensors(truth())
     assert boxes.shape == (2, 2, 4) and labels.tolist() == [[0, 8], [7, -1]]
     assert torch.equal(boxes[1, 0], truth()["boxes"][2])
+
+
+def test_throughput_detects_every_image_once_per_batch_size_after_a_warm_up_batch():
+    images = torch.zeros(5, 8, 8, dtype=torch.uint8)
+    calls = []
+
+    def detect(batch):
+        calls.append(len(batch))
+        return [None] * len(batch)
+
+    seconds = detection.throughput(detect, images, batch_sizes=(2, 8))
+    assert calls == [2, 2, 2, 1, 5, 5]
+    assert list(seconds) == [2, 8] and all(s >= 0 for s in seconds.values())

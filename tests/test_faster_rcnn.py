@@ -64,7 +64,7 @@ def test_training_lowers_the_loss_and_the_fitted_model_finds_the_item():
     assert box_iou(found.boxes[:1], batch[1][0]).item() > 0.7
     assert 0 < found.proposals <= MODEL.proposals_test
     ctx = Context({"faster_rcnn": Variant(model, {})}, None, torch.device("cpu"), Path(), 0, Path())
-    folded = faster_rcnn.detector(ctx)(scene()[0][0])  # as evaluation times it: batch norms folded into a copy
+    folded = faster_rcnn.detector(ctx)(scene()[0])[0]  # as evaluation times it: batch norms folded into a copy
     torch.testing.assert_close(folded.boxes, found.boxes, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(folded.labels, found.labels)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the logged model keeps its own

@@ -48,8 +48,8 @@ def test_metrics_files_hold_the_design_keys(baseline):
             "cnn": {"test_accuracy", "test_loss", "train_seconds", "epochs_run"},
             "resnet": {"test_accuracy", "test_loss", "train_seconds", "epochs_run", "seconds_to_target"},
             "fcn": {"mean_iou", "foreground_iou", "pixel_accuracy", "train_seconds"},
-            **{detector: {"map_50", "map_50_95", "seconds_per_image", "proposals_per_image", "train_seconds"}
-               for detector in ("rcnn", "faster_rcnn")},
+            **{detector: {"map_50", "map_50_95", "seconds_per_image", "seconds_per_image_batched", "fastest_batch_size",
+                          "proposals_per_image", "train_seconds"} for detector in ("rcnn", "faster_rcnn")},
             **{sequence: {"val_bits_per_char", "valid_tune_fraction", "novel_tune_fraction", "metre_correct_fraction",
                           "train_seconds", "reference_valid_tune_fraction", "reference_metre_correct_fraction"}
                for sequence in ("rnn", "lstm")},

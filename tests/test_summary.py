@@ -35,15 +35,15 @@ def test_a_readme_without_the_markers_is_an_error():
 
 
 def test_the_detectors_compare_side_by_side_with_the_speedup(tmp_path):
-    for name, seconds in [("rcnn", 0.08), ("faster_rcnn", 0.004)]:
-        metrics = {"map_50": 0.9, "map_50_95": 0.6, "seconds_per_image": seconds, "proposals_per_image": 32,
-                   "train_seconds": 300.0}
+    for name, seconds, batched, size in [("rcnn", 0.08, 0.075, 2), ("faster_rcnn", 0.004, 0.0025, 32)]:
+        metrics = {"map_50": 0.9, "map_50_95": 0.6, "seconds_per_image": seconds, "seconds_per_image_batched": batched,
+                   "fastest_batch_size": size, "proposals_per_image": 32, "train_seconds": 300.0}
         (tmp_path / f"{name}.json").write_text(json.dumps(metrics))
     frame = summary.detectors(tmp_path)
     assert list(frame.index) == ["rcnn", "faster_rcnn"]
     text = summary.detection_markdown(frame)
-    assert "| `faster_rcnn` | 0.9 | 0.6 | 0.004 | 32 | 5 |" in text
-    assert "**20.0×** faster per image" in text
+    assert "| `faster_rcnn` | 0.9 | 0.6 | 0.004 | 0.0025 | 32 | 32 | 5 |" in text
+    assert "**20.0×** faster per image than R-CNN one image at a time, and **30.0×** in batches" in text
 
 
 def test_accuracy_curves_accumulate_epoch_seconds_of_the_classifiers_that_measured_test_accuracy(tmp_path):

@@ -236,14 +236,15 @@ def proposal_recall(truth: dict[str, Tensor], cfg: ModelConfig, iou: float = 0.5
 
 
 def detector(ctx: Context) -> detection.Detector:
-    """The trained model as a detector of one stored image, as evaluation times it: with its batch norms folded
+    """The trained model as a detector of stored images, as evaluation times it: with its batch norms folded
     into its convs, as a deployed detector runs."""
     model = fold_batch_norm(ctx.variants["rcnn"].model)
-    return lambda image: model.detect(image[None].to(ctx.device), ctx.cfg.evaluate)[0]
+    return lambda images: model.detect(images.to(ctx.device), ctx.cfg.evaluate)
 
 
 def evaluate(ctx: Context) -> dict[str, float]:
-    """COCO mAP, seconds and proposals per image on the test scenes, one image at a time; the proposals' recall."""
+    """COCO mAP, seconds and proposals per image on the test scenes, one image at a time; seconds in batches; the
+    proposals' recall."""
     test = scenes.load("test")
     metrics = detection.evaluate_detector(detector(ctx), test, ctx.out, ctx.cfg.evaluate.figure_scenes)
     return metrics | {"proposal_recall_50": round(proposal_recall(test, ctx.variants["rcnn"].model.cfg), 4)}

@@ -1,7 +1,9 @@
 """How the detectors (`rcnn`, `faster_rcnn`) are measured: COCO's own evaluation, seconds per image, a figure.
 
 Both detectors go through `evaluate_detector` on the same test scenes, one image at a time (the latency a user
-of a detector sees), so their mAP and speed compare directly. mAP comes from `pycocotools`' COCOeval fed
+of a detector sees), so their mAP and speed compare directly; and in batches (the throughput a server that
+batches its requests gets), each detector at the fastest of the same few batch sizes. mAP comes from
+`pycocotools`' COCOeval fed
 in-memory dicts: the reference implementation, rather than a re-derivation that could differ in its details
 (101-point interpolation, crowd handling, max 100 detections per image).
 """
@@ -12,7 +14,7 @@ import contextlib
 import csv
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +31,9 @@ from deepzoo.data import fashion_mnist, scenes
 from deepzoo.storage import save_figure
 
 FIGURE_SCORE = 0.5  # detections drawn in the figure: those at least this confident
+# Throughput: one timed pass over the first THROUGHPUT_SCENES test scenes at each size, the fastest counted.
+THROUGHPUT_BATCHES = (1, 2, 8, 32)
+THROUGHPUT_SCENES = 256
 
 
 class Detections(NamedTuple):
@@ -41,7 +46,7 @@ class Detections(NamedTuple):
     proposals: int
 
 
-Detector = Callable[[Tensor], Detections]  # one stored image uint8 [H, W] → its detections
+Detector = Callable[[Tensor], list[Detections]]  # stored images uint8 [B, H, W] → each one's detections
 
 
 def _xywh(boxes: Tensor) -> list[list[float]]:
@@ -92,8 +97,25 @@ def coco_evaluation(truth: dict[str, Tensor], found: list[Detections]) -> tuple[
     return headline, per_class, printed.getvalue()
 
 
+def seconds_per_image(detect: Detector, images: Tensor, batch_size: int) -> float:
+    """Wall seconds per image of detecting `images` [N, H, W] in batches of `batch_size`, after one untimed batch
+    (the first call at a new size pays one-off allocations)."""
+    detect(images[:batch_size])
+    start = time.perf_counter()
+    for first in range(0, len(images), batch_size):
+        detect(images[first : first + batch_size])
+    return (time.perf_counter() - start) / len(images)
+
+
+def throughput(detect: Detector, images: Tensor, batch_sizes: Sequence[int] = THROUGHPUT_BATCHES) -> dict[int, float]:
+    """Seconds per image of detecting `images` at each batch size."""
+    with torch.inference_mode():
+        return {size: seconds_per_image(detect, images, size) for size in batch_sizes}
+
+
 def evaluate_detector(detect: Detector, truth: dict[str, Tensor], out: Path, figure_scenes: int) -> dict[str, float]:
-    """Detect every scene of `truth`, one image at a time, timed; COCO's metrics, proposals and seconds per image.
+    """Detect every scene of `truth`, one image at a time, timed; COCO's metrics, proposals and seconds per image;
+    and the seconds per image in batches (`throughput` on the first THROUGHPUT_SCENES scenes), at the fastest size.
 
     Writes `per_class_ap.csv`, `coco_summary.txt` and `detections.png` (ground truth beside predictions) to `out`.
     """
@@ -101,8 +123,10 @@ def evaluate_detector(detect: Detector, truth: dict[str, Tensor], out: Path, fig
     with torch.inference_mode():  # no autograd bookkeeping at all, as a deployed detector would run
         for image in truth["images"]:
             start = time.perf_counter()
-            found.append(detect(image))
+            found.extend(detect(image[None]))
             seconds += time.perf_counter() - start
+    batched = throughput(detect, truth["images"][:THROUGHPUT_SCENES])
+    fastest = min(batched, key=batched.get)
     headline, per_class, printed = coco_evaluation(truth, found)
     with (out / "per_class_ap.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["class", "ap_50", "ap_50_95"])
@@ -112,6 +136,7 @@ def evaluate_detector(detect: Detector, truth: dict[str, Tensor], out: Path, fig
     save_figure(out / "detections.png", detections_figure(truth, found, figure_scenes))
     scenes_count = len(found)
     return {**headline, "seconds_per_image": round(seconds / scenes_count, 5),
+            "seconds_per_image_batched": round(batched[fastest], 5), "fastest_batch_size": fastest,
             "proposals_per_image": round(sum(d.proposals for d in found) / scenes_count, 1)}
 
 
