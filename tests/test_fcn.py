@@ -23,6 +23,18 @@ def test_logits_have_the_input_size_and_eleven_labels(skips):
     assert model(torch.rand(1, 1, 32, 48)).shape == (1, 11, 32, 48)  # fully convolutional: any size
 
 
+def test_an_untrained_fcn_predicts_with_its_deepest_level_alone():
+    """The finer levels' score layers start at zero (as FCN's): at first the deepest scores, upsampled, are all."""
+    torch.manual_seed(0)
+    model = fcn.FCN(config((4, 8), 2)).eval()
+    x = torch.rand(2, 1, 32, 32)
+    deepest = model.score[0](model.encoder(x))
+    expected = deepest
+    for size in (16, 32):  # upsampled onto each finer level's map, whose own scores add nothing yet
+        expected = torch.nn.functional.interpolate(expected, size=(size, size), mode="bilinear", align_corners=False)
+    assert torch.allclose(model(x), expected, atol=1e-6)
+
+
 def test_a_few_steps_fit_one_scene():
     torch.manual_seed(0)
     model = fcn.FCN(config((8, 16), 1))

@@ -69,6 +69,11 @@ class FCN(Trainable):
         widths = (cfg.backbone.widths[0], *cfg.backbone.widths)  # the stem's and each stage's
         # A 1×1 convolution scores every pixel of a level for each class; the deepest level and `skips` finer ones.
         self.score = nn.ModuleList(nn.Conv2d(width, classes, 1) for width in reversed(widths[-1 - cfg.skips :]))
+        # The finer levels' score layers start at zero, as FCN's did: training starts from the deepest level's
+        # predictions (the convolutionalised classifier's, when pretrained) and each skip learns what its level adds.
+        for skip in self.score[1:]:
+            nn.init.zeros_(skip.weight)
+            nn.init.zeros_(skip.bias)
         # Channels-last from the start, as the trainer trains it: evaluation and the served model get oneDNN's fast
         # CPU convolutions too (1.4× per step here).
         self.to(memory_format=torch.channels_last)
