@@ -28,8 +28,7 @@ def test_an_untrained_fcn_predicts_with_its_deepest_level_alone():
     torch.manual_seed(0)
     model = fcn.FCN(config((4, 8), 2)).eval()
     x = torch.rand(2, 1, 32, 32)
-    deepest = model.score[0](model.encoder(x))
-    expected = deepest
+    expected = model.score[0](model.encoder(x))
     for size in (16, 32):  # upsampled onto each finer level's map, whose own scores add nothing yet
         expected = torch.nn.functional.interpolate(expected, size=(size, size), mode="bilinear", align_corners=False)
     assert torch.allclose(model(x), expected, atol=1e-6)
